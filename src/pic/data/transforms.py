@@ -66,9 +66,7 @@ class MultiView:
         return f"MultiView(num_views={self.num_views}, pipeline={self.pipeline})"
 
 
-def simclr(
-    size: int, mean: list[float], std: list[float], num_views: int = 2
-) -> MultiView:
+def simclr(size: int, mean: list[float], std: list[float], num_views: int = 2) -> MultiView:
     """SimCLR: RandomResizedCrop(size, 0.08-1), flip, colour jitter (0.8, 0.8, 0.8, 0.2) p=0.8,
     grayscale p=0.2, Gaussian blur p=0.5."""
     pipeline = v2.Compose(
@@ -82,9 +80,7 @@ def simclr(
     return MultiView(pipeline, num_views)
 
 
-def mocov2(
-    size: int, mean: list[float], std: list[float], num_views: int = 2
-) -> MultiView:
+def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2) -> MultiView:
     """MoCo v2: RandomResizedCrop(size, 0.2-1), flip, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
     grayscale p=0.2, Gaussian blur p=0.5."""
     pipeline = v2.Compose(
@@ -100,9 +96,7 @@ def mocov2(
     return MultiView(pipeline, num_views)
 
 
-def instdisc(
-    size: int, mean: list[float], std: list[float], num_views: int = 1
-) -> MultiView:
+def instdisc(size: int, mean: list[float], std: list[float], num_views: int = 1) -> MultiView:
     """InstDisc (and MoCo v1 with num_views=2): RandomResizedCrop(size, 0.2-1), flip,
     colour jitter (0.4, 0.4, 0.4, 0.4) always, grayscale p=0.2."""
     pipeline = v2.Compose(
@@ -117,9 +111,7 @@ def instdisc(
     return MultiView(pipeline, num_views)
 
 
-def linear(
-    size: int, mean: list[float], std: list[float], num_views: int = 1
-) -> MultiView:
+def linear(size: int, mean: list[float], std: list[float], num_views: int = 1) -> MultiView:
     """Linear-evaluation training: RandomResizedCrop(size, 0.08-1) + flip."""
     pipeline = v2.Compose(
         [
