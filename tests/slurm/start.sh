@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Start a real single-machine SLURM cluster (munge, MariaDB, slurmdbd, slurmctld and two slurmd
+# nodes) with every file under STATE_DIR; prints `export SLURM_CONF=...` on stdout when ready.
+# Usage: start.sh [STATE_DIR]   (default /tmp/pic-slurm; must run as root; see install.sh)
+# A cluster left running from the same STATE_DIR is stopped first, and state is rebuilt fresh.
+set -euo pipefail
+
+STATE=${1:-/tmp/pic-slurm}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CLUSTER=pic
+PARTITION=debug
+# Node names: the short hostname and `localhost`, both on 127.0.0.1, so that the first node's
+# name (MASTER_ADDR under SLURM) resolves and both slurmd fit on one machine.
+NODE_A=$(hostname -s)
+NODE_B=localhost
+CTLD_PORT=6817
+NODE_A_PORT=6818
+DBD_PORT=6819
+NODE_B_PORT=6820
+# Not 3306, which a system database on a developer's machine often holds.
+DB_PORT=3307
+
+log() { echo "start.sh: $*" >&2; }
+
+# fail MESSAGE [LOG...]: print the message and the tail of each log, then exit non-zero.
+fail() {
+    log "ERROR: $1"
+    shift
+    for f in "$@"; do
+        if [[ -f $f ]]; then
+            echo "----- last lines of $f -----" >&2
+            tail -n 25 "$f" >&2
+        fi
+    done
+    exit 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_until SECONDS COMMAND...: poll COMMAND every 0.2 s; non-zero status on timeout.
+wait_until() {
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+# record NAME COMM PIDFILE: copy the daemon's pid into STATE/pids/NAME.pid as "PID COMM"; stop.sh
+# checks COMM against /proc before signalling, so a recycled pid is never killed.
+record() {
+    local name=$1 comm=$2 pidfile=$3 pid
+    wait_until 10 test -s "$pidfile" || return 1
+    pid=$(tr -d '[:space:]' <"$pidfile")
+    echo "$pid $comm" >"$STATE/pids/$name.pid"
+}
+
+[[ $(id -u) -eq 0 ]] || fail "must run as root (slurmd and SlurmUser=root need it)"
+[[ $NODE_A != "$NODE_B" ]] || fail "hostname -s is '$NODE_B'; set a different hostname"
+for bin in munged mariadbd slurmdbd slurmctld slurmd; do
+    [[ -x /usr/sbin/$bin ]] || fail "/usr/sbin/$bin not found: run $HERE/install.sh first"
+done
+
+mkdir -p "$STATE"
+STATE=$(cd "$STATE" && pwd)  # absolute: the configs and daemons need it
+"$HERE/stop.sh" "$STATE"
+# Only the folders this script creates are wiped, never STATE_DIR itself.
+rm -rf "${STATE:?}"/{etc,log,pids,run,spool,mysql}
+mkdir -p "$STATE"/{etc,log,pids,run,spool/ctld}
+LOGS=$STATE/log
+
+for port in $DB_PORT $CTLD_PORT $NODE_A_PORT $DBD_PORT $NODE_B_PORT; do
+    ! port_open "$port" || fail "port $port on 127.0.0.1 is already in use (another SLURM or database?)"
+done
+
+export SLURM_CONF=$STATE/etc/slurm.conf
+cat >"$SLURM_CONF" <<CONF
+ClusterName=$CLUSTER
+SlurmctldHost=$NODE_A(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# Short credential lifetime: a requeued job may restart ~10 s after it stopped instead of ~2 min.
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2,bf_interval=1
+StateSaveLocation=$STATE/spool/ctld
+SlurmdSpoolDir=$STATE/spool/slurmd-%n
+SlurmctldPidFile=$STATE/run/slurmctld.pid
+SlurmdPidFile=$STATE/run/slurmd-%n.pid
+SlurmctldLogFile=$LOGS/slurmctld.log
+SlurmdLogFile=$LOGS/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+# Both nodes share this machine's hardware; do not let slurmd compare it with the config.
+SlurmdParameters=config_overrides
+NodeName=$NODE_A NodeAddr=127.0.0.1 Port=$NODE_A_PORT CPUs=$(nproc) RealMemory=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
+NodeName=$NODE_B NodeAddr=127.0.0.1 Port=$NODE_B_PORT CPUs=$(nproc) RealMemory=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
+PartitionName=$PARTITION Nodes=$NODE_A,$NODE_B Default=YES MaxTime=INFINITE State=UP
+CONF
+
+# slurmdbd finds slurmdbd.conf next to $SLURM_CONF; it must be private to SlurmUser.
+DBD_CONF=$STATE/etc/slurmdbd.conf
+cat >"$DBD_CONF" <<CONF
+AuthType=auth/munge
+DbdHost=$NODE_A
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+LogFile=$LOGS/slurmdbd.log
+PidFile=$STATE/run/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=root
+StorageLoc=slurm_acct_db
+CONF
+chmod 600 "$DBD_CONF"
+
+# munge: slurm's clients and daemons talk to munged on its default socket, so a munged that is
+# already running (a system one) is used as is and left alone by stop.sh.
+if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    log "munged already running; using it"
+else
+    mkdir -p /run/munge
+    chown munge:munge /run/munge
+    runuser -u munge -- /usr/sbin/munged --force || fail "munged did not start" /var/log/munge/munged.log
+    record munged munged /run/munge/munged.pid || fail "munged wrote no pid file" /var/log/munge/munged.log
+    wait_until 10 bash -c 'munge -n | unmunge >/dev/null 2>&1' \
+        || fail "munge -n | unmunge fails" /var/log/munge/munged.log
+fi
+
+# MariaDB for slurmdbd, data under STATE_DIR, TCP on 127.0.0.1 only. `setsid -f` detaches it
+# from the caller's session so that Ctrl-C in a test run does not kill it half-way.
+mariadb-install-db --no-defaults --user=root --datadir="$STATE/mysql" \
+    --auth-root-authentication-method=normal --skip-test-db >"$LOGS/mariadb-install.log" 2>&1 \
+    || fail "mariadb-install-db failed" "$LOGS/mariadb-install.log"
+setsid -f /usr/sbin/mariadbd --no-defaults --user=root --datadir="$STATE/mysql" \
+    --socket="$STATE/run/mariadb.sock" --pid-file="$STATE/run/mariadb.pid" \
+    --bind-address=127.0.0.1 --port=$DB_PORT --skip-name-resolve \
+    --log-error="$LOGS/mariadb.log" </dev/null >/dev/null 2>&1
+wait_until 30 port_open $DB_PORT || fail "MariaDB not listening on port $DB_PORT" "$LOGS/mariadb.log"
+record mariadb mariadbd "$STATE/run/mariadb.pid" || fail "MariaDB wrote no pid file" "$LOGS/mariadb.log"
+
+/usr/sbin/slurmdbd || fail "slurmdbd did not start" "$LOGS/slurmdbd.log"
+record slurmdbd slurmdbd "$STATE/run/slurmdbd.pid" || fail "slurmdbd wrote no pid file" "$LOGS/slurmdbd.log"
+wait_until 30 port_open $DBD_PORT || fail "slurmdbd not listening on port $DBD_PORT" "$LOGS/slurmdbd.log"
+# The cluster must exist in accounting before slurmctld registers with slurmdbd.
+wait_until 20 bash -c "sacctmgr -i add cluster $CLUSTER >'$LOGS/sacctmgr.log' 2>&1" \
+    || fail "sacctmgr add cluster $CLUSTER failed" "$LOGS/sacctmgr.log" "$LOGS/slurmdbd.log"
+
+/usr/sbin/slurmctld || fail "slurmctld did not start" "$LOGS/slurmctld.log"
+record slurmctld slurmctld "$STATE/run/slurmctld.pid" \
+    || fail "slurmctld wrote no pid file" "$LOGS/slurmctld.log"
+wait_until 30 port_open $CTLD_PORT || fail "slurmctld not listening on port $CTLD_PORT" "$LOGS/slurmctld.log"
+
+for node in "$NODE_A" "$NODE_B"; do
+    /usr/sbin/slurmd -N "$node" || fail "slurmd -N $node did not start" "$LOGS/slurmd-$node.log"
+    record "slurmd-$node" slurmd "$STATE/run/slurmd-$node.pid" \
+        || fail "slurmd -N $node wrote no pid file" "$LOGS/slurmd-$node.log"
+done
+
+nodes_idle() { [[ $(sinfo -h -N -p $PARTITION -t idle -o '%N' 2>/dev/null | sort -u | wc -l) -eq 2 ]]; }
+wait_until 60 nodes_idle || fail "nodes not idle after 60 s: $(sinfo -N 2>&1 | tr '\n' ';')" \
+    "$LOGS/slurmctld.log" "$LOGS/slurmd-$NODE_A.log" "$LOGS/slurmd-$NODE_B.log"
+
+log "cluster '$CLUSTER' up: partition $PARTITION, nodes $NODE_A and $NODE_B, state in $STATE"
+echo "export SLURM_CONF=$SLURM_CONF"
