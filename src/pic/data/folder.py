@@ -1,0 +1,135 @@
+"""`data=folder`: an image folder tree, `root/{train,val}/<class>/<image>`.
+
+Classes are the sorted sub-folder names of `root/train` (label = position); files are sorted
+within each class, so image indices (PIC's instance labels) are stable across runs and machines.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from .base import ImageData, Transform
+from .decode import check_decoder
+from .encoded import EncodedImageDataset, check_cache_mode, check_split
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    """Sorted class folder names of `split_dir`; errors name the folder at fault."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"data=folder: {split_dir} is not a folder (check data.root)")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and e.name[0] != ".")
+    if not classes:
+        raise ValueError(f"data=folder: {split_dir} has no class sub-folders")
+    return classes
+
+
+def scan_folder(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int], list[int]]:
+    """(paths, labels, sizes in bytes) of the images under `split_dir/<class>/`, sorted."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    sizes: list[int] = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            raise FileNotFoundError(
+                f"data=folder: class folder {class_dir} is missing (classes come from train/)"
+            )
+        entries = sorted(
+            (e for e in os.scandir(class_dir) if e.is_file() and not e.name.startswith(".")),
+            key=lambda e: e.name,
+        )
+        images = [e for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not images:
+            raise ValueError(f"data=folder: {class_dir} contains no images {IMAGE_EXTENSIONS}")
+        for e in images:
+            paths.append(Path(e.path))
+            labels.append(label)
+            sizes.append(e.stat().st_size)
+    return paths, labels, sizes
+
+
+class FolderDataset(EncodedImageDataset):
+    """Images read from individual files."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        labels: list[int],
+        sizes: list[int],
+        transform: Transform,
+        strict: bool = False,
+        decoder: str = "pil",
+        cache_mode: str = "no",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.paths = paths
+        super().__init__(labels, sizes, transform, strict, decoder, cache_mode, rank, world_size)
+
+    def read(self, index: int) -> bytes:
+        return self.paths[index].read_bytes()
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+class FolderData(ImageData):
+    """Factory for `root/train/<class>/*` and `root/val/<class>/*`.
+
+    `image_size` is the training crop size; `mean`/`std` (RGB, 0-1 scale) normalise the crops,
+    ImageNet's statistics by default.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        cache_mode: str = "no",
+        strict: bool = False,
+        decoder: str = "pil",
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+    ) -> None:
+        check_cache_mode(cache_mode)
+        check_decoder(decoder)
+        self.root = Path(root)
+        self.image_size = image_size
+        self.cache_mode = cache_mode
+        self.strict = strict
+        self.decoder = decoder
+        self.mean = list(mean) if mean is not None else IMAGENET_MEAN
+        self.std = list(std) if std is not None else IMAGENET_STD
+
+    @cached_property
+    def classes(self) -> list[str]:
+        """Class names, from `root/train` (val must have the same folders)."""
+        return list_classes(self.root / "train")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def build(
+        self, split: str, transform: Transform, rank: int = 0, world_size: int = 1
+    ) -> FolderDataset:
+        check_split(split, "folder")
+        split_dir = self.root / split
+        list_classes(split_dir)  # the split folder itself must exist and be non-empty
+        paths, labels, sizes = scan_folder(split_dir, self.classes)
+        return FolderDataset(
+            paths,
+            labels,
+            sizes,
+            transform,
+            self.strict,
+            self.decoder,
+            self.cache_mode,
+            rank,
+            world_size,
+        )
