@@ -1,0 +1,88 @@
+"""Pytest fixture: a real single-machine SLURM cluster for the whole test session.
+
+`slurm_cluster` runs install.sh (a no-op when the packages are present) and start.sh once per
+session, exports SLURM_CONF into this process's environment so that submitit's sbatch, sacct and
+scancel reach the cluster, and runs stop.sh at the end. Setup failures FAIL the tests (CI has apt
+and root); they are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent
+# Fixed rather than per-session: start.sh then also stops daemons an aborted session left running.
+STATE_DIR = Path("/tmp/pic-slurm")
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """A running cluster: `env` holds the variables a process needs to reach it (SLURM_CONF)."""
+
+    state_dir: Path
+    env: dict[str, str]
+    partition: str
+
+
+def _run_script(name: str, *args: str, timeout_s: float) -> str:
+    """Run tests/slurm/<name> and return its stdout; fail the test session on error."""
+    cmd = ["bash", str(SCRIPTS / name), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{name} did not finish within {timeout_s} s:\n{err.stderr}", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}",
+            pytrace=False,
+        )
+    return proc.stdout
+
+
+def _parse_exports(stdout: str) -> dict[str, str]:
+    """Turn start.sh's `export NAME=VALUE` lines into a dict."""
+    env = {}
+    for line in stdout.splitlines():
+        if line.startswith("export ") and "=" in line:
+            name, value = line.removeprefix("export ").split("=", 1)
+            env[name] = value
+    if "SLURM_CONF" not in env:
+        pytest.fail(f"start.sh printed no `export SLURM_CONF=...` line:\n{stdout}", pytrace=False)
+    return env
+
+
+def _default_partition(env: dict[str, str]) -> str:
+    """The partition sinfo marks as default (`debug*`), asked from the running cluster."""
+    out = subprocess.run(
+        ["sinfo", "-h", "-o", "%P"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={**os.environ, **env},
+    ).stdout
+    defaults = [p.rstrip("*") for p in out.split() if p.endswith("*")]
+    if len(defaults) != 1:
+        pytest.fail(f"expected one default partition in sinfo output, got: {out!r}", pytrace=False)
+    return defaults[0]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """Start the cluster once per session (install included) and stop it afterwards."""
+    _run_script("install.sh", timeout_s=900)
+    env = _parse_exports(_run_script("start.sh", str(STATE_DIR), timeout_s=180))
+    try:
+        cluster = SlurmCluster(STATE_DIR, env, _default_partition(env))
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in env.items():
+                mp.setenv(name, value)
+            yield cluster
+    finally:
+        _run_script("stop.sh", str(STATE_DIR), timeout_s=120)

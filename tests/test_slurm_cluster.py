@@ -1,0 +1,170 @@
+"""submitit against the real single-machine SLURM cluster of tests/slurm/: multi-task ranks,
+preemption with requeue through `Checkpointable`, and failures that are not requeued.
+
+Every wait is bounded so that a broken cluster fails fast instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+
+pytestmark = pytest.mark.slurm
+
+# A job unpickles its callable in a fresh interpreter where this module is not importable
+# (pytest imports test files by path), so its functions and classes travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+JOB_TIMEOUT_S = 60
+# Requeue to restart takes ~15 s with the cluster's cred_expire=10 and sched_interval=2.
+REQUEUE_TIMEOUT_S = 120
+
+
+def make_executor(folder: Path, partition: str, **params: int) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(slurm_partition=partition, timeout_min=5, cpus_per_task=1, **params)
+    return executor
+
+
+def wait_done(job: submitit.Job, timeout_s: float) -> None:
+    """Poll until the job is finished (result file or terminal sacct state); fail on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not job.done(force_check=True):
+        if time.monotonic() > deadline:
+            job.cancel(check=False)
+            pytest.fail(
+                f"job {job.job_id} not done after {timeout_s} s (state {job.state});\n"
+                f"stdout: {job.stdout()}\nstderr: {job.stderr()}"
+            )
+        time.sleep(0.5)
+
+
+def wait_for_file(path: Path, job: submitit.Job, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            job.cancel(check=False)
+            pytest.fail(f"job {job.job_id} did not create {path} within {timeout_s} s")
+        time.sleep(0.2)
+
+
+def accounting_states(job_id: str, timeout_s: float = 30) -> list[str]:
+    """States of every run of the job from sacct (`--duplicates`: one row per requeue), oldest
+    first, once the last one is final (accounting lags slurmctld by a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        states = out.split()
+        if states and states[-1] in {"COMPLETED", "FAILED", "CANCELLED"}:
+            return states
+        if time.monotonic() > deadline:
+            pytest.fail(f"sacct shows no final state for job {job_id}: {states}")
+        time.sleep(0.5)
+
+
+def task_identity() -> dict[str, int | str]:
+    """What submitit tells a task about itself."""
+    env = submitit.JobEnvironment()
+    return {
+        "global_rank": env.global_rank,
+        "local_rank": env.local_rank,
+        "num_tasks": env.num_tasks,
+        "node": env.node,
+        "job_id": env.job_id,
+    }
+
+
+class WaitForPreemption(submitit.helpers.Checkpointable):
+    """First run: marks itself running and waits to be preempted. After the requeue it returns
+    how many checkpoints it went through, a count that only `checkpoint()` increments."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.checkpoints = 0
+
+    def __call__(self) -> dict[str, int]:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        (self.folder / f"attempt-{restart}").touch()
+        if self.checkpoints == 0:
+            (self.folder / "running").touch()
+            deadline = time.monotonic() + REQUEUE_TIMEOUT_S
+            while time.monotonic() < deadline:
+                time.sleep(0.2)  # the USR2 handler runs between sleeps
+            raise TimeoutError("never preempted")
+        return {"checkpoints": self.checkpoints, "restart_count": restart}
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        self.checkpoints += 1
+        (self.folder / f"checkpoint-{self.checkpoints}").touch()
+        return super().checkpoint()
+
+
+class AlwaysFails(submitit.helpers.Checkpointable):
+    """Requeue-capable, yet a plain exception must end the job instead of requeueing it."""
+
+    def __call__(self, folder: Path) -> None:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        (folder / f"attempt-{restart}").touch()
+        raise ValueError("deliberate failure in AlwaysFails")
+
+
+@pytest.mark.parametrize(("nodes", "tasks_per_node"), [(1, 2), (2, 1)])
+def test_two_task_job_returns_each_rank(slurm_cluster, tmp_path, nodes, tasks_per_node):
+    executor = make_executor(
+        tmp_path, slurm_cluster.partition, nodes=nodes, tasks_per_node=tasks_per_node
+    )
+    job = executor.submit(task_identity)
+    wait_done(job, JOB_TIMEOUT_S)
+    results = sorted(job.results(), key=lambda r: r["global_rank"])
+
+    assert [r["global_rank"] for r in results] == [0, 1]
+    assert all(r["num_tasks"] == 2 and r["job_id"] == job.job_id for r in results)
+    if nodes == 2:
+        assert [(r["node"], r["local_rank"]) for r in results] == [(0, 0), (1, 0)]
+    else:
+        assert [(r["node"], r["local_rank"]) for r in results] == [(0, 0), (0, 1)]
+    assert accounting_states(job.job_id) == ["COMPLETED"]
+
+
+def test_preempted_checkpointable_is_requeued_and_finishes(slurm_cluster, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    job = make_executor(tmp_path / "job", slurm_cluster.partition).submit(WaitForPreemption(marks))
+    wait_for_file(marks / "running", job, JOB_TIMEOUT_S)
+
+    job._interrupt()  # what preemption does: SIGTERM (ignored by submitit), then USR2
+    wait_done(job, REQUEUE_TIMEOUT_S)
+
+    assert job.result() == {"checkpoints": 1, "restart_count": 1}
+    assert sorted(p.name for p in marks.iterdir()) == [
+        "attempt-0",
+        "attempt-1",
+        "checkpoint-1",
+        "running",
+    ]
+    assert accounting_states(job.job_id) == ["REQUEUED", "COMPLETED"]
+
+
+def test_failing_job_is_not_requeued_and_raises_its_message(slurm_cluster, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    job = make_executor(tmp_path / "job", slurm_cluster.partition).submit(AlwaysFails(), marks)
+    wait_done(job, JOB_TIMEOUT_S)
+
+    with pytest.raises(submitit.core.utils.FailedJobError, match="deliberate failure"):
+        job.result()
+    assert accounting_states(job.job_id) == ["FAILED"]
+    assert [p.name for p in marks.iterdir()] == ["attempt-0"]
