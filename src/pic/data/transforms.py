@@ -18,11 +18,9 @@ ImageLike = Image.Image | torch.Tensor
 
 
 def blur_kernel_size(size: int) -> int:
-    """Odd Gaussian-blur kernel of ~10% of the crop (SimCLR), at least 3 so 32-px crops work."""
-    k = int(round(0.1 * size))
-    if k % 2 == 0:
-        k += 1
-    return max(k, 3)
+    """SimCLR's blur kernel: 10% of the crop made odd (2 * (size // 10 // 2) + 1), at least 3
+    so that 32-px crops still blur."""
+    return max(2 * (size // 10 // 2) + 1, 3)
 
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:

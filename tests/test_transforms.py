@@ -1,0 +1,144 @@
+"""Augmentations: view counts and shapes, multi-crop grouping, normalisation, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pic.data import transforms as T
+
+MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+
+
+def random_image(h: int = 40, w: int = 50, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    """What the torchvision decoder yields: uint8 (3, H, W)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+@pytest.mark.parametrize(
+    "build, views",
+    [(T.simclr, 2), (T.mocov2, 2), (T.instdisc, 1), (T.linear, 1)],
+)
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("as_input", [lambda im: im, as_tensor])
+def test_views_have_the_crop_size(build, views, size, as_input):
+    transform = build(size, MEAN, STD)
+    out = transform(as_input(random_image()))
+    assert len(out) == views
+    assert all(v.shape == (3, size, size) and v.dtype == torch.float32 for v in out)
+    assert len(build(size, MEAN, STD, num_views=3)(random_image())) == 3
+
+
+def test_views_are_independent_draws():
+    a, b = T.simclr(32, MEAN, STD)(random_image())
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("build", [T.simclr, T.mocov2, T.instdisc, T.linear])
+def test_augmentation_is_deterministic_under_a_seed(build):
+    transform = build(32, MEAN, STD, num_views=2)
+    torch.manual_seed(7)
+    first = transform(random_image())
+    torch.manual_seed(7)
+    again = transform(random_image())
+    torch.manual_seed(8)
+    other = transform(random_image())
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize("build", [T.linear, T.eval_transform])
+def test_constant_image_is_normalised_with_mean_and_std(build):
+    """Crops, flips and resizes keep a constant image constant: only normalisation is left."""
+    rgb = (51, 128, 204)
+    image = Image.new("RGB", (40, 30), rgb)
+    out = build(24, MEAN, STD)(image)[0]
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, MEAN, STD, strict=True)])
+    torch.testing.assert_close(out, expected[:, None, None].expand(3, 24, 24).float())
+
+
+def test_eval_transform_resizes_then_centre_crops():
+    # Sizes chosen so that resize and crop offsets are integers: no rounding convention matters.
+    size = 28
+    image = random_image(64, 96, seed=3)
+    out = T.eval_transform(size, MEAN, STD)(image)
+    assert len(out) == 1
+    # Independent computation with PIL: short side to 28 * 256 / 224 = 32, centre crop 28.
+    resized = image.resize((48, 32), Image.BILINEAR)
+    crop = np.asarray(resized.crop((10, 2, 38, 30)), dtype=np.float64)
+    expected = (crop / 255 - np.array(MEAN)) / np.array(STD)
+    got = out[0].permute(1, 2, 0).double().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert torch.equal(out[0], T.eval_transform(size, MEAN, STD)(image)[0])
+
+
+def test_multicrop_default_is_pic_one_large_three_small():
+    out = T.MultiCrop(MEAN, STD)(random_image(100, 120))
+    assert [tuple(v.shape) for v in out] == [(3, 160, 160)] + [(3, 96, 96)] * 3
+
+
+def test_multicrop_groups_crops_by_resolution_largest_first():
+    groups = [
+        {"size": 16, "count": 2, "scale": [0.05, 0.2]},
+        {"size": 32, "count": 1, "scale": [0.3, 1.0]},
+        {"size": 24, "count": 3, "scale": [0.1, 0.5]},
+    ]
+    transform = T.MultiCrop(MEAN, STD, groups=groups)
+    sizes = [v.shape[-1] for v in transform(random_image())]
+    assert sizes == [32, 24, 24, 24, 16, 16]
+
+
+def test_multicrop_is_deterministic_under_a_seed():
+    transform = T.MultiCrop(MEAN, STD, groups=[{"size": 16, "count": 2, "scale": [0.1, 1.0]}])
+    torch.manual_seed(1)
+    a = transform(random_image())
+    torch.manual_seed(1)
+    b = transform(random_image())
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ([], "at least one crop group"),
+        ([{"size": 16, "count": 1}], r"groups\[0\]: expected keys size, count, scale"),
+        ([{"size": 16, "count": 1, "scale": [0.1, 1.0], "extra": 1}], r"groups\[0\]"),
+        (
+            [
+                {"size": 16, "count": 1, "scale": [0.1, 1.0]},
+                {"size": 8, "count": 0, "scale": [0.1, 0.2]},
+            ],
+            r"groups\[1\]: need size >= 1, count >= 1",
+        ),
+        ([{"size": 16, "count": 1, "scale": [0.5, 0.2]}], r"groups\[0\]: need"),
+    ],
+)
+def test_multicrop_bad_groups_are_named(groups, message):
+    with pytest.raises(ValueError, match=message):
+        T.MultiCrop(MEAN, STD, groups=groups)
+
+
+def test_num_views_must_be_positive():
+    with pytest.raises(ValueError, match="num_views"):
+        T.simclr(32, MEAN, STD, num_views=0)
+
+
+def blur_kernel_reference(size: int) -> int:
+    """10% of the crop, bumped to the next odd number if even, at least 3."""
+    tenth = size // 10
+    return max(tenth if tenth % 2 == 1 else tenth + 1, 3)
+
+
+@pytest.mark.parametrize("size", [16, 32, 96, 160, 224])
+def test_blur_kernel_is_odd_ten_percent_and_at_least_three(size):
+    k = T.blur_kernel_size(size)
+    assert k % 2 == 1 and k >= 3
+    assert k == blur_kernel_reference(size)
