@@ -306,3 +306,13 @@ def test_commands_have_help(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_torchvision_decoder_falls_back_to_pil_for_other_formats(tmp_path):
+    pixels = np.random.default_rng(5).integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
+    for split in ("train", "val"):
+        (tmp_path / split / "c").mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / split / "c" / "x.bmp")  # decode_image: no BMP
+    item = FolderData(str(tmp_path), decoder="torchvision").build("train", to_array)[0]
+    assert item["replaced"] == 0
+    np.testing.assert_array_equal(item["crops"][0], pixels)

@@ -1,8 +1,9 @@
 """Decoding encoded image bytes (JPEG, PNG, ...) into what the transforms take.
 
-Two decoders: `pil` (Pillow, or pillow-simd when installed in its place: `make install-simd`)
-returns an RGB PIL image; `torchvision` (torchvision.io.decode_image, libjpeg-turbo) returns a
-uint8 tensor of shape (3, H, W), which the v2 transforms process as tensors.
+Two decoders: `torchvision` (the default: torchvision.io.decode_image, libjpeg-turbo) returns a
+uint8 tensor of shape (3, H, W), which the v2 transforms process as tensors, ~1.7x the images/s
+of the PIL pipeline per core (bench/dataload.py); `pil` (Pillow, or pillow-simd when installed
+in its place: `make install-simd`) returns an RGB PIL image.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def decode(data: bytes, decoder: str) -> Image.Image | torch.Tensor:
     if decoder == "torchvision":
         # bytearray: torch.frombuffer needs a writable buffer to avoid a warning per image.
         buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return decode_image(buffer, mode=ImageReadMode.RGB)
+        try:
+            return decode_image(buffer, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # a format torchvision cannot read (BMP, TIFF): PIL decides if it is corrupt
     with Image.open(io.BytesIO(data)) as image:
         # convert() forces the full decode here, so a truncated file fails now, not later.
         return image.convert("RGB")

@@ -64,7 +64,7 @@ class FolderDataset(EncodedImageDataset):
         sizes: list[int],
         transform: Transform,
         strict: bool = False,
-        decoder: str = "pil",
+        decoder: str = "torchvision",
         cache_mode: str = "no",
         rank: int = 0,
         world_size: int = 1,
@@ -92,7 +92,7 @@ class FolderData(ImageData):
         image_size: int = 224,
         cache_mode: str = "no",
         strict: bool = False,
-        decoder: str = "pil",
+        decoder: str = "torchvision",
         mean: list[float] | None = None,
         std: list[float] | None = None,
     ) -> None:

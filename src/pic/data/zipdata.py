@@ -59,7 +59,7 @@ class ZipDataset(EncodedImageDataset):
         map_path: Path,
         transform: Transform,
         strict: bool = False,
-        decoder: str = "pil",
+        decoder: str = "torchvision",
         cache_mode: str = "no",
         rank: int = 0,
         world_size: int = 1,
@@ -135,7 +135,7 @@ class ZipData(ImageData):
         image_size: int = 224,
         cache_mode: str = "no",
         strict: bool = False,
-        decoder: str = "pil",
+        decoder: str = "torchvision",
         mean: list[float] | None = None,
         std: list[float] | None = None,
     ) -> None:

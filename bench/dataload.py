@@ -1,0 +1,122 @@
+"""Images/s of one data-loader worker (one core): storage x image backend.
+
+    python bench/dataload.py [--images 300] [--size 224]
+
+Generates ImageNet-like JPEGs (500x375, ~quality 90) in a temp dir, builds the folder and zip
+layouts from them, and times `dataset[i]` over all images in one process with one thread,
+which is what one loader worker does. Transform: RandomResizedCrop(size) + flip + float
+normalised tensor (the linear-evaluation pipeline; the heavier colour augmentations add the
+same cost to every row). Baseline: stock torchvision v1 transforms on PIL images, the seed's
+pipeline. Prints a Markdown table. pillow-simd rows appear when it is installed in place of
+Pillow (`make install-simd`; the backend column says which PIL ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as v1
+
+from pic.data.decode import describe_decoder
+from pic.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderData
+from pic.data.make_zip import make_zip
+from pic.data.transforms import linear
+from pic.data.zipdata import ZipData
+
+
+def make_jpegs(root: Path, count: int, classes: int = 10) -> float:
+    """Write `count` 500x375 JPEGs under root/{train,val}/<class>/; returns mean KiB."""
+    rng = np.random.default_rng(0)
+    sizes = []
+    for i in range(count):
+        # Smooth colour field plus texture: compresses like a photo (~100 KiB at q90),
+        # unlike pure noise.
+        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((500, 375), Image.BICUBIC), np.int16)
+        texture = rng.normal(0, 18, size=(375, 500, 3))
+        pixels = (base + texture).clip(0, 255).astype(np.uint8)
+        for split in ("train", "val") if i < classes else ("train",):
+            path = root / split / f"c{i % classes:02d}" / f"img{i:05d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path, quality=90)
+        sizes.append(path.stat().st_size)
+    return float(np.mean(sizes)) / 1024
+
+
+def images_per_second(dataset, repeats: int = 2) -> float:
+    """Best of `repeats` passes over the dataset, items per second."""
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(len(dataset)):
+            dataset[i]
+        best = max(best, len(dataset) / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300, help="JPEGs to generate and time")
+    parser.add_argument("--size", type=int, default=224, help="crop size")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one loader worker = one core
+
+    baseline = v1.Compose(
+        [
+            v1.RandomResizedCrop(args.size),
+            v1.RandomHorizontalFlip(),
+            v1.ToTensor(),
+            v1.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+    def baseline_views(image: Image.Image) -> list[torch.Tensor]:
+        return [baseline(image)]
+
+    ours = linear(args.size, IMAGENET_MEAN, IMAGENET_STD)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, zipped = Path(tmp) / "folder", Path(tmp) / "zip"
+        kib = make_jpegs(folder, args.images)
+        make_zip(folder, zipped)
+        rows = []
+        reference = None
+        configs = [
+            ("folder", "pil", "torchvision v1 (seed baseline)", baseline_views, "no"),
+            ("folder", "pil", "ours (v2)", ours, "no"),
+            ("zip", "pil", "ours (v2)", ours, "no"),
+            ("folder, cache full", "pil", "ours (v2)", ours, "full"),
+            ("folder", "torchvision", "ours (v2)", ours, "no"),
+            ("zip", "torchvision", "ours (v2)", ours, "no"),
+            ("folder, cache full", "torchvision", "ours (v2)", ours, "full"),
+            ("zip, cache full", "torchvision", "ours (v2)", ours, "full"),
+        ]
+        for storage, decoder, transform_name, transform, cache in configs:
+            factory = ZipData if storage.startswith("zip") else FolderData
+            root = zipped if factory is ZipData else folder
+            data = factory(str(root), cache_mode=cache, decoder=decoder)
+            dataset = data.build("train", transform)
+            rate = images_per_second(dataset)
+            reference = reference or rate
+            rows.append(
+                (storage, describe_decoder(decoder), transform_name, rate, rate / reference)
+            )
+
+    print(
+        f"\n{args.images} generated JPEGs, 500x375, mean {kib:.0f} KiB; crop {args.size}; "
+        "one process, one thread\n"
+    )
+    print("| storage | image backend | transform | img/s per worker | vs baseline |")
+    print("|---|---|---|---:|---:|")
+    for storage, backend, transform_name, rate, ratio in rows:
+        print(f"| {storage} | {backend} | {transform_name} | {rate:.0f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
