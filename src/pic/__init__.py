@@ -1,0 +1,1 @@
+"""PIC: parametric instance classification and the methods it is compared with."""

@@ -1,0 +1,107 @@
+"""Structured config schemas, generated from the classes the configs instantiate.
+
+Every ``conf/<group>/<option>.yaml`` builds one callable through ``_target_`` and its keys are
+that callable's parameters. Rather than writing each dataclass twice (once as the class, once
+as its schema), :func:`register_schemas` reads the signature of every target and stores a
+dataclass in Hydra's ConfigStore as ``/schema/<group>/<option>``; the option file merges it
+first (``defaults: [/schema/<group>/<option>@_here_, _self_]``). A misspelt key or a value of
+the wrong type then fails during composition, with Hydra's message naming the full key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import MISSING, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+_PRIMITIVES = (int, float, str, bool)
+
+
+def _field_type(annotation: Any) -> Any:
+    """Map a parameter annotation to a type OmegaConf can enforce (``Any`` otherwise)."""
+    if annotation in _PRIMITIVES:
+        return annotation
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and len(args) == 2:
+            return typing.Optional[_field_type(inner[0])]  # noqa: UP045 (OmegaConf needs Optional)
+        return Any
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        element = {a for a in args if a is not Ellipsis}
+        item = _field_type(element.pop()) if len(element) == 1 else Any
+        return list[item] if item is not Any else list[Any]
+    if origin is dict or annotation is dict:
+        return dict[str, Any]
+    return Any
+
+
+def schema_for(target: str) -> type:
+    """A dataclass whose fields are the parameters of ``target`` (plus ``_target_``)."""
+    obj = get_object(target)
+    func = obj.__init__ if inspect.isclass(obj) else obj
+    hints = typing.get_type_hints(func)
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=target))]
+    for name, param in inspect.signature(obj).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        kind = _field_type(hints.get(name, Any))
+        default = param.default
+        if default is inspect.Parameter.empty:
+            default = MISSING
+        elif isinstance(default, list | tuple | dict):
+            value = list(default) if isinstance(default, tuple) else default
+            fields.append((name, kind, dataclasses.field(default_factory=lambda v=value: v)))
+            continue
+        elif default is not None and not isinstance(default, _PRIMITIVES):
+            kind = Any  # an object default cannot be typed by OmegaConf
+        fields.append((name, kind, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(f"{obj.__name__}Config", fields)
+
+
+def register_schemas(conf_dir: Path = CONF_DIR) -> None:
+    """Store a schema for every option file of ``conf_dir`` that has a ``_target_``.
+
+    Option files of the ``experiment`` group and the primary config are global overlays, not
+    callables, and have none. Call before Hydra composes a config.
+    """
+    store = ConfigStore.instance()
+    for path in sorted(conf_dir.glob("*/**/*.yaml")):
+        node = OmegaConf.load(path)
+        target = node.get("_target_") if OmegaConf.is_dict(node) else None
+        if target is None:
+            continue
+        group = path.parent.relative_to(conf_dir).as_posix()
+        try:
+            schema = schema_for(target)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise RuntimeError(f"{path}: cannot build a schema for {target}: {err}") from err
+        store.store(group=f"schema/{group}", name=path.stem, node=schema)
+    store.store(name="schema_root", node=_root_schema())
+
+
+def _root_schema() -> type:
+    """Top level: one ``Any`` node per group (typed by its own schema) and the common keys."""
+    groups = ["task", "model", "backbone", "data", "augmentation", "sampler", "optimizer",
+              "schedule", "cluster", "logger"]
+    fields: list[tuple[str, Any, Any]] = [(g, Any, dataclasses.field(default=MISSING))
+                                          for g in groups]
+    for key, target in (("trainer", "pic.engine.trainer.Trainer"), ("eval", "pic.engine.knn.KNN")):
+        schema = schema_for(target)
+        fields.append((key, schema, dataclasses.field(default_factory=schema)))
+    fields += [
+        ("seed", int, dataclasses.field(default=0)),
+        ("auto_resume", bool, dataclasses.field(default=True)),
+        ("pretrained", typing.Optional[str], dataclasses.field(default=None)),  # noqa: UP045
+        ("name", str, dataclasses.field(default="run")),
+    ]
+    return dataclasses.make_dataclass("RootConfig", fields)

@@ -1,0 +1,146 @@
+"""What every dataset of the platform provides: crops, instance index, class label.
+
+A ``conf/data/<name>.yaml`` builds an :class:`ImageData` factory; the task asks it for the
+``train`` or ``val`` split with a transform. Items are dicts so that the default collate
+batches them: ``crops`` (list of tensors, one per view), ``index`` (the instance label of
+PIC / the bank row of InstDisc), ``label`` (the class, for evaluation only) and ``replaced``
+(how many unreadable images were skipped to produce this item).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], list[torch.Tensor]]
+
+
+class InstanceDataset(torch.utils.data.Dataset, ABC):
+    """Base of every dataset: subclasses implement :meth:`load` and :meth:`label`.
+
+    A bad image (any exception from :meth:`load`) is reported with :meth:`describe` and, unless
+    ``strict``, replaced by the next readable image; the item then carries that image's index so
+    that instance labels stay consistent.
+    """
+
+    #: With a per-rank cache, the indices this rank holds (the sampler draws only these).
+    rank_indices: list[int] | None = None
+    #: Give up after this many consecutive unreadable images: the data is broken, not one file.
+    max_consecutive_bad = 100
+
+    def __init__(self, transform: Transform, strict: bool = False) -> None:
+        self.transform = transform
+        self.strict = strict
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def load(self, index: int) -> Image.Image:
+        """The RGB image of ``index``; raises on an unreadable file."""
+
+    @abstractmethod
+    def label(self, index: int) -> int: ...
+
+    def describe(self, index: int) -> str:
+        """Where image ``index`` comes from (a path), for error messages."""
+        return f"{type(self).__name__}[{index}]"
+
+    def _candidates(self, index: int) -> list[int]:
+        pool = self.rank_indices if self.rank_indices is not None else None
+        if pool is None:
+            return [(index + k) % len(self) for k in range(1, self.max_consecutive_bad + 1)]
+        start = pool.index(index) if index in pool else 0
+        return [pool[(start + k) % len(pool)] for k in range(1, self.max_consecutive_bad + 1)]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        replaced = 0
+        for candidate in [index, *self._candidates(index)]:
+            try:
+                image = self.load(candidate)
+            except Exception as err:  # any decoder error means the same: this file is bad
+                if self.strict:
+                    raise RuntimeError(
+                        f"unreadable image {self.describe(candidate)}: {err} "
+                        "(set data.strict=false to skip bad images)"
+                    ) from err
+                log.warning("skipping unreadable image %s: %s", self.describe(candidate), err)
+                replaced += 1
+                continue
+            return {"crops": self.transform(image), "index": candidate,
+                    "label": self.label(candidate), "replaced": replaced}
+        raise RuntimeError(f"{replaced} consecutive unreadable images from "
+                           f"{self.describe(index)} on: the dataset is broken")
+
+
+class ImageData(ABC):
+    """Factory of the two splits; holds what transforms need to know about the images."""
+
+    num_classes: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+    @abstractmethod
+    def build(self, split: str, transform: Transform, rank: int = 0,
+              world_size: int = 1) -> InstanceDataset:
+        """The ``train`` or ``val`` split; validates its files now (errors name file and line)."""
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Reseeds the random generators from (seed, epoch, position) before each item.
+
+    The random augmentation of the p-th sample of epoch e is then a function of those numbers
+    alone: independent of the number of loader workers, and identical after a resume.
+    Indices come from :class:`RunSampler` as ``(epoch, position, index)``.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        epoch, position, index = key
+        item_seed = hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF
+        torch.manual_seed(item_seed)
+        random.seed(item_seed)
+        return self.dataset[index]
+
+
+class RunSampler(torch.utils.data.Sampler):
+    """All the indices of a run, epoch after epoch, tagged ``(epoch, position, index)``.
+
+    One loader serves the whole run (workers and prefetching carry across epochs). Each epoch
+    is cut to a whole number of per-rank batches, so no batch straddles two epochs, and the run
+    starts at (``epoch``, ``start``) — a mid-epoch resume.
+    """
+
+    def __init__(self, sampler: Any, batch_size: int, epoch: int, start: int,
+                 num_epochs: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.epoch, self.start, self.num_epochs = epoch, start, num_epochs
+        self.epoch_len = len(sampler) // batch_size * batch_size
+
+    def __len__(self) -> int:
+        return max(0, (self.num_epochs - self.epoch) * self.epoch_len - self.start)
+
+    def __iter__(self):
+        start = self.start
+        for epoch in range(self.epoch, self.num_epochs):
+            self.sampler.set_epoch(epoch, start)
+            for position, index in enumerate(self.sampler, start):
+                if position >= self.epoch_len:
+                    break
+                yield (epoch, position, int(index))
+            start = 0

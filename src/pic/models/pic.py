@@ -1,0 +1,41 @@
+"""PIC: parametric instance classification (Cao et al., NeurIPS 2020).
+
+Every training image is its own class. Features (L2-normalised) are scored against one
+classifier row per image with a cosine softmax at temperature τ; the label of an image is its
+index. With multi-crop, only the large crops (the first resolution group) update the
+classifier; the small crops are scored against the detached weight and train the encoder alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses import instance_classification_loss
+from ..networks.classifier import InstanceClassifier
+from .base import Method
+
+
+class PIC(Method):
+    def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
+                 mlp_head: bool = True, temperature: float = 0.2,
+                 classifier_init_norm: float | None = None) -> None:
+        super().__init__(backbone, feature_dim, mlp_head)
+        self.temperature = temperature
+        self.classifier = InstanceClassifier(num_instances, feature_dim, classifier_init_norm)
+
+    def forward(self, crops: list[torch.Tensor], index: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        features = self.encoder(crops)
+        large = [f for f, c in zip(features, crops, strict=True)
+                 if c.shape[-2:] == crops[0].shape[-2:]]
+        small = features[len(large):]
+        weight, labels = self.classifier(index)
+        loss = instance_classification_loss(torch.cat(large), weight, labels.repeat(len(large)),
+                                            self.temperature)
+        if small:
+            small_loss = instance_classification_loss(
+                torch.cat(small), weight.detach(), labels.repeat(len(small)), self.temperature)
+            # The paper averages all rows in one cross-entropy: weight each part by its rows.
+            loss = (loss * len(large) + small_loss * len(small)) / len(features)
+        return loss, {"loss": loss.detach()}

@@ -1,0 +1,34 @@
+"""From a composed config to a finished task, wherever it runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import dist
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> Any:
+    """Dispatch ``cfg`` through its ``cluster`` launcher; the task runs in :func:`run_task`."""
+    if HydraConfig.initialized():
+        # The run directory travels inside the config: spawned processes and SLURM jobs have no
+        # Hydra context of their own.
+        with open_dict(cfg):
+            cfg.hydra_output_dir = HydraConfig.get().runtime.output_dir
+    return instantiate(cfg.cluster).launch(cfg, run_task)
+
+
+def run_task(cfg: DictConfig) -> Any:
+    """Run the task in this process (one rank of the job when distributed)."""
+    out_dir = Path(cfg.get("hydra_output_dir") or Path.cwd())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        OmegaConf.save(cfg, out_dir / "config.yaml")
+    return instantiate(cfg.task).run(cfg, out_dir)

@@ -1,0 +1,102 @@
+"""``task=pretrain``: self-supervised training of any method, then kNN evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .. import dist
+from ..engine.knn import extract_features
+from .common import config_dict, eval_splits, make_logger, seed_everything, write_results
+
+log = logging.getLogger(__name__)
+
+
+class Pretrain:
+    """Pretrain ``cfg.model`` on ``cfg.data``; compare kNN accuracy with the random init.
+
+    ``plot`` writes ``summary.png`` (loss curve + t-SNE of held-out features).
+    """
+
+    def __init__(self, knn_random_init: bool = True, plot: bool = True) -> None:
+        self.knn_random_init = knn_random_init
+        self.plot = plot
+
+    def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+        seed_everything(cfg.seed)
+        trainer = instantiate(cfg.trainer)
+        trainer.config = config_dict(cfg)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        data = instantiate(cfg.data)
+        train_set = data.build("train", instantiate(cfg.augmentation), rank, world)
+        model = instantiate(cfg.model, backbone=instantiate(cfg.backbone),
+                            num_instances=len(train_set)).to(trainer.device)
+        sampler = instantiate(cfg.sampler, dataset_size=len(train_set), seed=cfg.seed, rank=rank,
+                              world_size=world, indices=train_set.rank_indices)
+        optimizer = instantiate(cfg.optimizer, model=model, batch_size=trainer.batch_size)
+        knn = instantiate(cfg.eval)
+        bank_set, val_set = eval_splits(cfg, data)
+
+        def knn_eval() -> dict[str, float]:
+            return knn.evaluate(model.backbone, bank_set, val_set, data.num_classes,
+                                trainer.device, trainer.num_workers)
+
+        # The same network at its random initialisation: the baseline a method must beat.
+        # Computed once, before the first step, and kept beside the checkpoint for resumes.
+        random_path = out_dir / "knn_random_init.json"
+        if self.knn_random_init and not random_path.is_file():
+            baseline = knn_eval()
+            if dist.is_main():
+                random_path.write_text(json.dumps(baseline))
+            dist.barrier()
+
+        def epoch_end(epoch: int, passes: float) -> dict[str, float]:
+            if knn.every and int(passes) % knn.every == 0 and passes - int(passes) < 1e-9:
+                return {f"knn_{k}": v for k, v in knn_eval().items()}
+            return {}
+
+        logger = make_logger(cfg)
+        summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
+                              out_dir, logger, cfg.seed, resume=cfg.auto_resume,
+                              epoch_end=epoch_end)
+        results: dict[str, Any] = {k: v for k, v in summary.items() if k != "loss_history"}
+        final = knn_eval()
+        results.update(knn_top1=final["top1"], knn_top5=final["top5"], method=cfg.model._target_,
+                       num_instances=len(train_set), world_size=world)
+        if random_path.is_file():
+            baseline = json.loads(random_path.read_text())
+            results.update(knn_top1_random_init=baseline["top1"],
+                           knn_top5_random_init=baseline["top5"])
+        logger.summary(results)
+        logger.finish()
+        if self.plot and dist.is_main() and summary["loss_history"]:
+            from ..logging.plots import plot_run
+
+            feats, labels = extract_features(model.backbone, val_set, knn.batch_size,
+                                             trainer.device)
+            steps, losses = zip(*summary["loss_history"], strict=True)
+            plot_run(out_dir / "summary.png", list(steps), list(losses), feats.numpy(),
+                     labels.numpy(), f"{cfg.name}: kNN top-1 {final['top1']:.1f}% "
+                     f"(random init {results.get('knn_top1_random_init', float('nan')):.1f}%)")
+        write_results(out_dir, results)
+        if dist.is_main():
+            _print_summary(cfg, out_dir, results)
+        return results
+
+
+def _print_summary(cfg: DictConfig, out_dir: Path, r: dict[str, Any]) -> None:
+    rows = [
+        ("trained", f"{cfg.name}: {cfg.model._target_.rsplit('.', 1)[-1]} on "
+                    f"{cfg.data._target_.rsplit('.', 1)[-1]} ({r['num_instances']} images)"),
+        ("length", f"{r['steps']} steps, {r['epochs']:.1f} epochs, {r['train_time_s']:.0f} s"),
+        ("kNN top-1", f"{r['knn_top1']:.2f}%  (same network at random init: "
+                      f"{r.get('knn_top1_random_init', float('nan')):.2f}%)"),
+        ("skipped", f"{r['bad_steps']} non-finite steps, {r['replaced_images']} bad images"),
+        ("artifacts", str(out_dir)),
+    ]
+    print("\n".join(f"{k:>10}  {v}" for k, v in rows), flush=True)
