@@ -77,8 +77,8 @@ def _default_partition(env: dict[str, str]) -> str:
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """Start the cluster once per session (install included) and stop it afterwards."""
     _run_script("install.sh", timeout_s=900)
-    env = _parse_exports(_run_script("start.sh", str(STATE_DIR), timeout_s=180))
     try:
+        env = _parse_exports(_run_script("start.sh", str(STATE_DIR), timeout_s=180))
         cluster = SlurmCluster(STATE_DIR, env, _default_partition(env))
         with pytest.MonkeyPatch.context() as mp:
             for name, value in env.items():

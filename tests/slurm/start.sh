@@ -66,6 +66,8 @@ mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd)  # absolute: the configs and daemons need it
 "$HERE/stop.sh" "$STATE"
 # Only the folders this script creates are wiped, never STATE_DIR itself.
+# A failed start leaves nothing running; its logs stay in STATE_DIR/log.
+trap 'if (($? != 0)); then "$HERE/stop.sh" "$STATE" || true; fi' EXIT
 rm -rf "${STATE:?}"/{etc,log,pids,run,spool,mysql}
 mkdir -p "$STATE"/{etc,log,pids,run,spool/ctld}
 LOGS=$STATE/log
