@@ -64,10 +64,10 @@ done
 
 mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd)  # absolute: the configs and daemons need it
-"$HERE/stop.sh" "$STATE"
-# Only the folders this script creates are wiped, never STATE_DIR itself.
+bash "$HERE/stop.sh" "$STATE"
 # A failed start leaves nothing running; its logs stay in STATE_DIR/log.
-trap 'if (($? != 0)); then "$HERE/stop.sh" "$STATE" || true; fi' EXIT
+trap 'if (($? != 0)); then bash "$HERE/stop.sh" "$STATE" || true; fi' EXIT
+# Only the folders this script creates are wiped, never STATE_DIR itself.
 rm -rf "${STATE:?}"/{etc,log,pids,run,spool,mysql}
 mkdir -p "$STATE"/{etc,log,pids,run,spool/ctld}
 LOGS=$STATE/log
@@ -76,6 +76,9 @@ for port in $DB_PORT $CTLD_PORT $NODE_A_PORT $DBD_PORT $NODE_B_PORT; do
     ! port_open "$port" || fail "port $port on 127.0.0.1 is already in use (another SLURM or database?)"
 done
 
+# Each emulated node claims the whole machine; jobs must fit in one node's share.
+NODE_CPUS=$(nproc)
+NODE_MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
 export SLURM_CONF=$STATE/etc/slurm.conf
 cat >"$SLURM_CONF" <<CONF
 ClusterName=$CLUSTER
@@ -106,8 +109,8 @@ MpiDefault=none
 ReturnToService=2
 # Both nodes share this machine's hardware; do not let slurmd compare it with the config.
 SlurmdParameters=config_overrides
-NodeName=$NODE_A NodeAddr=127.0.0.1 Port=$NODE_A_PORT CPUs=$(nproc) RealMemory=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
-NodeName=$NODE_B NodeAddr=127.0.0.1 Port=$NODE_B_PORT CPUs=$(nproc) RealMemory=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
+NodeName=$NODE_A NodeAddr=127.0.0.1 Port=$NODE_A_PORT CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB
+NodeName=$NODE_B NodeAddr=127.0.0.1 Port=$NODE_B_PORT CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB
 PartitionName=$PARTITION Nodes=$NODE_A,$NODE_B Default=YES MaxTime=INFINITE State=UP
 CONF
 
