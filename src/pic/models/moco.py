@@ -1,0 +1,98 @@
+"""MoCo v1 / v2: momentum contrast (He et al. 2020; Chen et al. 2020).
+
+A query encoder (trained) and a key encoder (its exponential moving average, θ_k ← m·θ_k +
+(1−m)·θ_q). The query of view 1 is scored against the key of view 2 (positive, index 0) and a
+queue of K keys of earlier batches (negatives) with InfoNCE at temperature τ. Keys are computed
+with shuffle BN — the global batch is permuted across ranks before the key encoder, so BN
+statistics cannot leak which samples are positives — then all-gathered and enqueued. v1 and v2
+differ only in configuration (head, τ, augmentation, schedule): ``model=moco`` / ``mocov2``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import dist
+from ..losses import info_nce
+from .base import Method
+
+log = logging.getLogger(__name__)
+
+
+class MoCo(Method):
+    def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
+                 mlp_head: bool = False, temperature: float = 0.07, queue_size: int = 65536,
+                 momentum: float = 0.999) -> None:
+        super().__init__(backbone, feature_dim, mlp_head)
+        if queue_size < 1:
+            raise ValueError(f"model.queue_size={queue_size}: must be >= 1")
+        if queue_size >= num_instances:
+            log.warning("model.queue_size=%d is not smaller than the %d training images: the "
+                        "queue holds older keys of the current images as negatives",
+                        queue_size, num_instances)
+        self.temperature, self.momentum = temperature, momentum
+        self.key_encoder = copy.deepcopy(self.encoder)
+        self.key_encoder.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, feature_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._pending: torch.Tensor | None = None
+
+    def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of a random permutation of the global batch.
+
+        x: local B×… → (B×… rows of the permuted global batch, global permutation of size W·B).
+        In one process it permutes the batch, which BN statistics do not see.
+        """
+        gathered = dist.all_gather(x)
+        perm = dist.broadcast(torch.randperm(gathered.shape[0], device=x.device))
+        start = dist.get_rank() * x.shape[0]
+        return gathered[perm[start:start + x.shape[0]]], perm
+
+    def unshuffle(self, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`shuffle`: y is this rank's B×… output for its permuted slice; returns
+        the outputs of this rank's own samples, in their original order."""
+        gathered = dist.all_gather(y)
+        start = dist.get_rank() * y.shape[0]
+        return gathered[torch.argsort(perm)[start:start + y.shape[0]]]
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """B×D L2-normalised keys of x (B×3×H×W) from the key encoder, with shuffle BN."""
+        shuffled, perm = self.shuffle(x)
+        return F.normalize(self.unshuffle(self.key_encoder([shuffled])[0], perm), dim=1)
+
+    def forward(self, crops: list[torch.Tensor], index: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """crops: two views, B×3×H×W each (query, key); index: unused by MoCo."""
+        if len(crops) != 2:
+            raise ValueError(f"MoCo takes 2 views per image, got {len(crops)}: set "
+                             "augmentation.num_views=2")
+        global_batch = crops[0].shape[0] * dist.get_world_size()
+        if self.queue.shape[0] % global_batch:
+            raise ValueError(
+                f"model.queue_size={self.queue.shape[0]} must be a multiple of the global batch "
+                f"(trainer.batch_size={global_batch}) so that every enqueue fills whole slots")
+        query = F.normalize(self.encoder([crops[0]])[0], dim=1)
+        key = self.keys(crops[1])
+        # The queue changes only in after_step, after backward has used it.
+        loss = info_nce(query, key, self.queue, self.temperature)
+        self._pending = dist.all_gather(key)  # enqueued in after_step, once the step is taken
+        positive_sim = (query.detach() * key).sum(1).mean()
+        return loss, {"loss": loss.detach(), "positive_sim": positive_sim}
+
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        """Enqueue the step's keys, then move the key encoder towards the updated query
+        encoder, so the next keys come from θ_k updated before they are computed."""
+        if self._pending is not None:
+            keys, self._pending = self._pending, None
+            ptr = int(self.queue_ptr)
+            self.queue[ptr:ptr + keys.shape[0]] = keys.to(self.queue.dtype)
+            self.queue_ptr.fill_((ptr + keys.shape[0]) % self.queue.shape[0])
+        for q, k in zip(self.encoder.parameters(), self.key_encoder.parameters(), strict=True):
+            k.lerp_(q.detach(), 1 - self.momentum)
