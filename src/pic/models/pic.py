@@ -4,6 +4,10 @@ Every training image is its own class. Features (L2-normalised) are scored again
 classifier row per image with a cosine softmax at temperature τ; the label of an image is its
 index. With multi-crop, only the large crops (the first resolution group) update the
 classifier; the small crops are scored against the detached weight and train the encoder alone.
+
+With ``num_negatives`` (or host/mmap storage) the classifier scores against the positives plus
+K sampled rows and updates its rows itself, with exact weight update correction for the rest
+(:class:`~pic.networks.classifier.SampledInstanceClassifier`).
 """
 
 from __future__ import annotations
@@ -12,17 +16,32 @@ import torch
 from torch import nn
 
 from ..losses import instance_classification_loss
-from ..networks.classifier import InstanceClassifier
+from ..networks.classifier import InstanceClassifier, SampledInstanceClassifier
 from .base import Method
 
 
 class PIC(Method):
+    """PIC. ``classifier_momentum`` / ``classifier_weight_decay`` are the SGD m and λ the
+    sampled classifier applies to its own rows; conf/model/pic.yaml takes them from the
+    optimizer config. ``storage_dir`` is where ``classifier_storage=mmap`` keeps its files
+    (the run directory)."""
+
     def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = True, temperature: float = 0.2,
-                 classifier_init_norm: float | None = None) -> None:
+                 classifier_init_norm: float | None = None, num_negatives: int | None = None,
+                 negative_sampling: str = "recent", weight_correction: bool = True,
+                 classifier_storage: str = "device", classifier_momentum: float = 0.9,
+                 classifier_weight_decay: float = 1e-4, storage_dir: str | None = None) -> None:
         super().__init__(backbone, feature_dim, mlp_head)
         self.temperature = temperature
-        self.classifier = InstanceClassifier(num_instances, feature_dim, classifier_init_norm)
+        self.classifier: InstanceClassifier | SampledInstanceClassifier
+        if num_negatives is None and classifier_storage == "device":
+            self.classifier = InstanceClassifier(num_instances, feature_dim, classifier_init_norm)
+        else:
+            self.classifier = SampledInstanceClassifier(
+                num_instances, feature_dim, classifier_init_norm, num_negatives,
+                negative_sampling, weight_correction, classifier_momentum,
+                classifier_weight_decay, classifier_storage, storage_dir)
 
     def forward(self, crops: list[torch.Tensor], index: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -39,3 +58,11 @@ class PIC(Method):
             # The paper averages all rows in one cross-entropy: weight each part by its rows.
             loss = (loss * len(large) + small_loss * len(small)) / len(features)
         return loss, {"loss": loss.detach()}
+
+    def after_step(self, lr: float) -> None:
+        self.classifier.after_step(lr)
+
+    def sync_state(self) -> None:
+        """Called by the trainer before every checkpoint: the classifier state made current."""
+        if isinstance(self.classifier, SampledInstanceClassifier):
+            self.classifier.sync_state()
