@@ -1,0 +1,178 @@
+"""Stable long runs: a non-finite loss or gradient never reaches the weights.
+
+Non-finite values are injected on chosen steps into a tiny method run by the real Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pic.data.samplers import EpochSampler
+from pic.engine.checkpoint import load_checkpoint
+from pic.engine.optim import sgd
+from pic.engine.schedules import Cosine
+from pic.engine.trainer import NonFiniteError, Trainer
+from pic.logging.loggers import NoLogger
+from pic.losses import instance_classification_loss
+from pic.models.base import Method
+from pic.models.pic import PIC
+
+
+class TinyImages(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.images = torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"crops": [self.images[i]], "index": i, "label": 0, "replaced": 0}
+
+
+class TinyBackbone(nn.Sequential):
+    out_dim = 8
+
+    def __init__(self) -> None:
+        super().__init__(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 8))
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward (a finite loss, a bad gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.full_like(grad, math.inf)
+
+
+class Flaky(Method):
+    """Regresses features to 1; a NaN loss on ``nan_loss`` calls, an infinite gradient on
+    ``inf_grad`` calls. Records the parameters seen by every call."""
+
+    def __init__(self, nan_loss: set[int], inf_grad: set[int]) -> None:
+        super().__init__(TinyBackbone(), feature_dim=4, mlp_head=False)
+        self.nan_loss, self.inf_grad = nan_loss, inf_grad
+        self.calls = 0
+        self.seen: list[list[torch.Tensor]] = []
+
+    def forward(self, crops: list[torch.Tensor], index: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.seen.append([p.detach().clone() for p in self.parameters()])
+        out = self.encoder(crops)[0]
+        if self.calls in self.inf_grad:
+            out = _InfGrad.apply(out)
+        loss = ((out - 1) ** 2).mean()
+        if self.calls in self.nan_loss:
+            loss = loss * math.nan
+        self.calls += 1
+        return loss, {"loss": loss.detach()}
+
+
+def fit(model: nn.Module, out_dir: Path, max_steps: int, **trainer_kw) -> dict:
+    torch.manual_seed(0)
+    trainer = Trainer(epochs=10, batch_size=8, max_steps=max_steps, num_workers=0,
+                      device="cpu", progress=False, **trainer_kw)
+    return trainer.fit(model, TinyImages(32), EpochSampler(32, seed=0), sgd(model, 8, lr=0.5),
+                       Cosine(), out_dir, NoLogger(), seed=0)
+
+
+def test_bad_steps_are_skipped_and_counted(tmp_path: Path) -> None:
+    model = Flaky(nan_loss={3, 8}, inf_grad={7})
+    summary = fit(model, tmp_path, 12)
+    assert summary["bad_steps"] == 3 and summary["steps"] == 12
+    for step in range(11):  # parameters seen by call step+1 vs call step
+        same = all(torch.equal(a, b) for a, b in
+                   zip(model.seen[step], model.seen[step + 1], strict=True))
+        assert same == (step in {3, 7, 8}), step
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_a_run_of_bad_steps_stops_and_leaves_the_last_checkpoint(tmp_path: Path) -> None:
+    model = Flaky(nan_loss=set(range(7, 100)), inf_grad=set())
+    # Steps 7, 8, 9 are tolerated (max 3), the checkpoint of step 10 is written, step 10 stops.
+    with pytest.raises(NonFiniteError, match=r"4 consecutive steps up to step 10 .*Likely "
+                                             r"causes.*current\.pth is intact"):
+        fit(model, tmp_path, 30, max_bad_steps=3, checkpoint_every=5)
+    ckpt = load_checkpoint(tmp_path / "current.pth")
+    assert ckpt["state"]["step"] == 10 and ckpt["state"]["bad_steps"] == 3
+    fresh = Flaky(set(), set())
+    fresh.load_state_dict(ckpt["model"])
+    good = model.seen[7]  # the parameters after the last good step (6)
+    for p, q in zip(fresh.parameters(), good, strict=True):
+        assert torch.equal(p, q) and torch.isfinite(p).all()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".current")] == []
+
+
+def test_sampled_pic_classifier_ignores_skipped_steps(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = PIC(TinyBackbone(), 32, feature_dim=16, mlp_head=False, classifier_init_norm=1.0,
+                num_negatives=6, negative_sampling="uniform")
+    forward, calls = PIC.forward, []
+
+    def flaky_forward(self, crops, index):
+        loss, metrics = forward(self, crops, index)
+        calls.append(len(calls))
+        return (loss * math.nan if len(calls) in (3, 4) else loss), metrics
+
+    monkeypatch.setattr(PIC, "forward", flaky_forward)
+    summary = fit(model, tmp_path, 10)
+    clf = model.classifier
+    assert summary["bad_steps"] == 2 and clf.t == 8  # the classifier counts applied updates
+    assert torch.isfinite(clf.weight).all() and torch.isfinite(clf.momentum_buffer).all()
+    assert torch.isfinite(clf.q).all()
+
+
+def reference_loss(f: torch.Tensor, w: torch.Tensor, y: torch.Tensor, tau: float) -> float:
+    """Mean cross-entropy of cosine logits, float64 Python loops."""
+    total = 0.0
+    for b in range(f.shape[0]):
+        fb = [float(v) for v in f[b]]
+        logits = []
+        for j in range(w.shape[0]):
+            wj = [float(v) for v in w[j]]
+            dot = sum(x * z for x, z in zip(fb, wj, strict=True))
+            norm = math.sqrt(sum(x * x for x in fb)) * math.sqrt(sum(z * z for z in wj))
+            logits.append(dot / norm / tau)
+        top = max(logits)
+        total += top + math.log(sum(math.exp(v - top) for v in logits)) - logits[int(y[b])]
+    return total / f.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_and_loss_are_fp32_under_autocast(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(4, 8, generator=g).to(dtype)
+    w = torch.randn(6, 8, generator=g)
+    y = torch.tensor([0, 5, 2, 2])
+    tau = 0.01  # logits up to 100: exp overflows fp16 and loses all precision in bf16
+    with torch.autocast("cpu", dtype=dtype):
+        loss = instance_classification_loss(f, w, y, tau)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.item() == pytest.approx(reference_loss(f, w, y, tau), rel=1e-5)
+
+
+def test_pic_loss_is_fp32_in_a_bf16_model() -> None:
+    torch.manual_seed(0)
+    model = PIC(TinyBackbone(), 32, feature_dim=16, mlp_head=True, temperature=0.01)
+    crops = [torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4), torch.randn(8, 3, 2, 2)]
+    index = torch.arange(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(crops, index)
+        features = model.encoder(crops)
+    assert features[0].dtype == torch.bfloat16  # the encoder does run in bf16
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    w = model.classifier.weight.detach()
+    large = torch.cat(features[:2]).detach()
+    expected = (2 * reference_loss(large, w, index.repeat(2), 0.01)
+                + reference_loss(features[2].detach(), w, index, 0.01)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
