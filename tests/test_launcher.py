@@ -10,6 +10,7 @@ so they differ between world sizes by design of the data pipeline, not of the la
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -20,6 +21,8 @@ import pytest
 import torch
 from torch import nn
 
+from pic.collect import collect
+from pic.collect import main as collect_main
 from pic.dist import get_world_size, is_dist
 from pic.dist.init import init_distributed
 from pic.dist.launcher import Local, Slurm
@@ -130,3 +133,45 @@ def test_slurm_sbatch_parameters():
 def test_slurm_rejects_empty_allocations():
     with pytest.raises(ValueError, match="cluster.nodes=0"):
         Slurm(nodes=0)
+
+
+def make_run(root: Path, name: str, overrides: list[str], results: dict) -> None:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (run / "results.json").write_text(json.dumps(results))
+
+
+def test_collect_tabulates_differing_overrides_and_scalar_results(tmp_path):
+    make_run(tmp_path, "1_b", ["+sweeps=x", "model.temperature=0.2", "seed=1"],
+             {"knn_top1": 91.5, "steps": 10, "history": [1, 2]})
+    make_run(tmp_path, "0_a", ["+sweeps=x", "model.temperature=0.1", "hydra.verbose=true"],
+             {"knn_top1": 90.25, "steps": 10, "method": "a|b"})
+
+    columns, rows = collect(tmp_path)
+    # +sweeps is the same everywhere; seed is set in one run only, so it differs.
+    assert columns == ["run", "model.temperature", "seed", "knn_top1", "method", "steps"]
+    assert rows == [
+        {"run": "0_a", "model.temperature": "0.1", "seed": "", "knn_top1": 90.25,
+         "method": "a|b", "steps": 10},
+        {"run": "1_b", "model.temperature": "0.2", "seed": "1", "knn_top1": 91.5, "method": "",
+         "steps": 10},
+    ]
+
+    assert collect_main([str(tmp_path), "--metrics", "knn_top1"]) == 0
+    assert (tmp_path / "results.md").read_text().splitlines() == [
+        "| run | model.temperature | seed | knn_top1 |", "|---|---|---|---|",
+        "| 0_a | 0.1 |  | 90.25 |", "| 1_b | 0.2 | 1 | 91.5 |"]
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == [
+            {"run": "0_a", "model.temperature": "0.1", "seed": "", "knn_top1": "90.25"},
+            {"run": "1_b", "model.temperature": "0.2", "seed": "1", "knn_top1": "91.5"}]
+
+
+def test_collect_errors_name_the_directory_or_file(tmp_path, capsys):
+    assert collect_main([str(tmp_path)]) == 2
+    assert f"no results.json under {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"r/results.json: not valid JSON"):
+        collect(tmp_path)
