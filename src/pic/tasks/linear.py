@@ -214,13 +214,13 @@ class LinearEval:
 
 
 def _pretrain(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """``task=pretrain`` in ``out_dir``, skipped when a completed run is already there."""
+    """``task=pretrain`` in ``out_dir``, skipped when a run of the whole schedule is there."""
     from .pretrain import Pretrain
 
     done = out_dir / "results.json"
     if cfg.auto_resume and done.is_file():
         results = json.loads(done.read_text())
-        if results.get("completed"):
+        if results["steps"] >= results["total_steps"]:
             log.info("pretraining in %s already completed: evaluating it", out_dir)
             return results
     return Pretrain().run(cfg, out_dir)
