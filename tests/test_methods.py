@@ -1,0 +1,278 @@
+"""InstDisc, MoCo, SimCLR, LARS and SyncBN in one process, against float64 loop references."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pic.engine.lars import lars
+from pic.models.instdisc import InstDisc
+from pic.models.moco import MoCo
+from pic.models.simclr import SimCLR
+from pic.networks.resnet import TinyResNet
+from pic.networks.syncbn import SyncBatchNorm, convert_sync_batchnorm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_backbone() -> nn.Module:
+    return TinyResNet(widths=[8, 16, 16])
+
+
+def images(b: int, seed: int) -> torch.Tensor:
+    return torch.randn(b, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+
+
+def unit(v: list[float]) -> list[float]:
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def softmax_ce_first(logits: list[float]) -> float:
+    """−log softmax(logits)[0], by explicit sums."""
+    m = max(logits)
+    return -(logits[0] - m - math.log(sum(math.exp(x - m) for x in logits)))
+
+
+# ---------------------------------------------------------------------------------- InstDisc
+def test_instdisc_bank_rows_unit_norm_at_init() -> None:
+    model = InstDisc(tiny_backbone(), num_instances=30, feature_dim=8)
+    assert model.bank.shape == (30, 8)
+    torch.testing.assert_close(model.bank.norm(dim=1), torch.ones(30))
+
+
+def test_instdisc_negatives_uniform_over_others_and_clipped() -> None:
+    torch.manual_seed(0)
+    model = InstDisc(tiny_backbone(), num_instances=7, feature_dim=8, num_negatives=4096)
+    assert model.num_negatives == 6  # clipped to N − 1
+    index = torch.arange(7)
+    neg = model.sample_negatives(index.repeat(300))
+    assert neg.shape == (2100, 6)
+    assert not (neg == index.repeat(300).unsqueeze(1)).any()
+    # Uniform over the 6 others: each of them drawn ≈ 1/6 of the time for every positive.
+    for i in range(7):
+        counts = torch.bincount(neg[index.repeat(300) == i].flatten(), minlength=7).double()
+        assert counts[i] == 0
+        others = counts[torch.arange(7) != i] / counts.sum()
+        assert (others - 1 / 6).abs().max() < 0.02
+
+
+def test_instdisc_softmax_loss_matches_loop_reference() -> None:
+    model = InstDisc(tiny_backbone(), num_instances=20, feature_dim=8, num_negatives=5,
+                     temperature=0.1)
+    x, index = images(4, 1), torch.tensor([3, 0, 19, 7])
+    torch.manual_seed(5)
+    loss, metrics = model([x], index)
+    torch.manual_seed(5)
+    neg = model.sample_negatives(index)
+    feats = model.encoder([x])[0].double()
+    bank = model.bank.double().tolist()
+    expected = 0.0
+    for b in range(4):
+        q = unit(feats[b].tolist())
+        logits = [dot(q, bank[int(index[b])]) / 0.1] + [dot(q, bank[int(j)]) / 0.1
+                                                          for j in neg[b]]
+        expected += softmax_ce_first(logits) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert metrics["loss"].requires_grad is False
+
+
+def test_instdisc_nce_estimates_z_once_and_keeps_it() -> None:
+    n = 20
+    model = InstDisc(tiny_backbone(), num_instances=n, feature_dim=8, num_negatives=6,
+                     loss="nce")
+    x, index = images(4, 2), torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(3)
+    model([x], index)
+    torch.manual_seed(3)
+    neg = model.sample_negatives(index)
+    feats = model.encoder([x])[0].double()
+    bank = model.bank.double().tolist()
+    total = 0.0
+    for b in range(4):
+        q = unit(feats[b].tolist())
+        total += sum(math.exp(dot(q, bank[int(j)]) / 0.07) for j in neg[b])
+    assert model.z.item() == pytest.approx(n * total / (4 * 6), rel=1e-4)
+    z = model.z.clone()
+    model([images(4, 3)], index)
+    assert torch.equal(model.z, z)
+
+
+def test_instdisc_bank_update_after_step_only() -> None:
+    model = InstDisc(tiny_backbone(), num_instances=10, feature_dim=8, momentum=0.5)
+    x, index = images(3, 4), torch.tensor([2, 5, 9])
+    before = model.bank.clone()
+    model([x], index)
+    assert torch.equal(model.bank, before)  # forward alone (a skipped step) changes nothing
+    feats = model.encoder([x])[0].detach().double()
+    model.after_step(0.1)
+    for b, i in enumerate(index.tolist()):
+        f = unit(feats[b].tolist())
+        row = unit([0.5 * m + 0.5 * v for m, v in zip(before[i].tolist(), f, strict=True)])
+        torch.testing.assert_close(model.bank[i].double(), torch.tensor(row, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+    untouched = [i for i in range(10) if i not in index.tolist()]
+    assert torch.equal(model.bank[untouched], before[untouched])
+
+
+def test_instdisc_rejects_unknown_loss() -> None:
+    with pytest.raises(ValueError, match="model.loss='nc'"):
+        InstDisc(tiny_backbone(), num_instances=10, loss="nc")
+
+
+# ---------------------------------------------------------------------------------- MoCo
+def moco(**kw) -> MoCo:
+    args = {"num_instances": 100, "feature_dim": 8, "queue_size": 8, "momentum": 0.9,
+            "temperature": 0.2} | kw
+    return MoCo(tiny_backbone(), **args)
+
+
+def test_moco_queue_size_must_divide_by_global_batch() -> None:
+    model = moco(queue_size=10)
+    with pytest.raises(ValueError, match=r"model.queue_size=10.*trainer.batch_size=4"):
+        model([images(4, 0), images(4, 1)], torch.arange(4))
+
+
+def test_moco_loss_positive_first_against_queue() -> None:
+    torch.manual_seed(0)
+    model = moco()
+    x1, x2 = images(4, 0), images(4, 1)
+    loss, _ = model([x1, x2], torch.arange(4))
+    # In one process the shuffle is within the batch, which BN statistics do not see.
+    q = model.encoder([x1])[0].double()
+    k = model.key_encoder([x2])[0].double()
+    queue = model.queue.double().tolist()
+    expected = 0.0
+    for b in range(4):
+        qb, kb = unit(q[b].tolist()), unit(k[b].tolist())
+        logits = [dot(qb, kb) / 0.2] + [dot(qb, n) / 0.2 for n in queue]
+        expected += softmax_ce_first(logits) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_moco_enqueue_and_momentum_update_after_step() -> None:
+    model = moco(queue_size=8, momentum=0.9)
+    for q, k in zip(model.encoder.parameters(), model.key_encoder.parameters(), strict=True):
+        assert torch.equal(q, k) and not k.requires_grad
+    queue = model.queue.clone()
+    x2 = images(4, 1)
+    model([images(4, 0), x2], torch.arange(4))
+    keys = nn.functional.normalize(model.key_encoder([x2])[0], dim=1)
+    assert torch.equal(model.queue, queue) and model.queue_ptr.item() == 0  # not before the step
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)  # stands in for the optimizer step
+    old_keys = [k.clone() for k in model.key_encoder.parameters()]
+    model.after_step(0.1)
+    torch.testing.assert_close(model.queue[:4], keys)
+    assert torch.equal(model.queue[4:], queue[4:]) and model.queue_ptr.item() == 4
+    for q, k, old in zip(model.encoder.parameters(), model.key_encoder.parameters(), old_keys,
+                         strict=True):
+        torch.testing.assert_close(k.double(), 0.9 * old.double() + 0.1 * q.double())
+    model([images(4, 2), images(4, 3)], torch.arange(4))
+    model.after_step(0.1)
+    assert model.queue_ptr.item() == 0  # wrapped around
+
+
+def test_moco_checkpoint_holds_key_encoder_and_queue() -> None:
+    keys = moco().state_dict().keys()
+    assert {"queue", "queue_ptr"} <= set(keys)
+    assert any(k.startswith("key_encoder.backbone.") for k in keys)
+
+
+# ---------------------------------------------------------------------------------- SimCLR
+def test_simclr_loss_matches_loop_reference() -> None:
+    model = SimCLR(tiny_backbone(), feature_dim=8, temperature=0.1)
+    x1, x2 = images(3, 0), images(3, 1)
+    loss, _ = model([x1, x2], torch.arange(3))
+    z1, z2 = (z.double() for z in model.encoder([x1, x2]))  # one pass: same BN batch
+    z = [unit(v.tolist()) for v in torch.cat([z1, z2])]
+    expected = 0.0
+    for i in range(6):
+        pos = (i + 3) % 6
+        logits = [dot(z[i], z[pos]) / 0.1] + [dot(z[i], z[j]) / 0.1 for j in range(6)
+                                               if j not in (i, pos)]
+        expected += softmax_ce_first(logits) / 6
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_simclr_needs_two_views() -> None:
+    with pytest.raises(ValueError, match="augmentation.num_views=2"):
+        SimCLR(tiny_backbone())([images(4, 0)], torch.arange(4))
+
+
+# ---------------------------------------------------------------------------------- LARS
+def test_lars_matches_loop_reference() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt = lars(model, batch_size=512, lr=0.3, momentum=0.9, weight_decay=0.1,
+               trust_coefficient=0.01)
+    lr = 0.3 * 512 / 256
+    grads = []
+    for step in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 3, generator=torch.Generator().manual_seed(step))).pow(2).sum() \
+            .backward()
+        grads.append({n: p.grad.double().clone() for n, p in model.named_parameters()})
+        opt.step()
+    for name, p in model.named_parameters():
+        w = start[name].flatten().tolist()
+        buf = [0.0] * len(w)
+        adapt = name == "0.weight"  # only the matrix: biases and BN are excluded
+        for g in grads:
+            # Each recorded gradient was taken at the weights of that step: replay from start.
+            gv = g[name].flatten().tolist()
+            u = [gi + (0.1 * wi if adapt else 0.0) for gi, wi in zip(gv, w, strict=True)]
+            ratio = 1.0
+            if adapt:
+                ratio = 0.01 * math.sqrt(sum(x * x for x in w)) / math.sqrt(sum(x * x for x in u))
+            buf = [0.9 * bi + ratio * ui for bi, ui in zip(buf, u, strict=True)]
+            w = [wi - lr * bi for wi, bi in zip(w, buf, strict=True)]
+        torch.testing.assert_close(p.detach().double().flatten(),
+                                   torch.tensor(w, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------- SyncBN
+def test_syncbn_conversion_keeps_state_and_is_plain_bn_in_one_process() -> None:
+    torch.manual_seed(0)
+    net = tiny_backbone()
+    net(images(6, 0))  # running statistics away from their init
+    converted = convert_sync_batchnorm(tiny_backbone())
+    converted.load_state_dict(net.state_dict())
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+    assert any(isinstance(m, SyncBatchNorm) for m in converted.modules())
+    x = images(6, 1)
+    torch.testing.assert_close(converted(x), net(x))
+    torch.testing.assert_close(converted.state_dict(), net.state_dict())
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_launch_every_method_writes_results(tmp_path: Path) -> None:
+    """``launch.py model=X`` for each method (one Hydra multirun: one interpreter start)."""
+    cmd = [sys.executable, "launch.py", "-m", "model=instdisc,moco,mocov2,simclr",
+           "trainer.max_steps=2", "trainer.batch_size=64", "trainer.num_workers=0",
+           "trainer.progress=false", "task.plot=false", "logger=none",
+           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    targets = []
+    for job in range(4):
+        results = json.loads((tmp_path / str(job) / "results.json").read_text())
+        assert results["steps"] == 2 and results["bad_steps"] == 0
+        assert 0 <= results["knn_top1"] <= 100 and "knn_top1_random_init" in results
+        targets.append(results["method"])
+    assert targets == ["pic.models.instdisc.InstDisc", "pic.models.moco.MoCo",
+                       "pic.models.moco.MoCo", "pic.models.simclr.SimCLR"]
