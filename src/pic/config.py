@@ -103,5 +103,6 @@ def _root_schema() -> type:
         ("auto_resume", bool, dataclasses.field(default=True)),
         ("pretrained", typing.Optional[str], dataclasses.field(default=None)),  # noqa: UP045
         ("name", str, dataclasses.field(default="run")),
+        ("output_dir", typing.Optional[str], dataclasses.field(default=None)),  # noqa: UP045
     ]
     return dataclasses.make_dataclass("RootConfig", fields)

@@ -8,7 +8,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from . import dist
 
@@ -17,17 +17,16 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> Any:
     """Dispatch ``cfg`` through its ``cluster`` launcher; the task runs in :func:`run_task`."""
-    if HydraConfig.initialized():
+    if cfg.output_dir is None and HydraConfig.initialized():
         # The run directory travels inside the config: spawned processes and SLURM jobs have no
         # Hydra context of their own.
-        with open_dict(cfg):
-            cfg.hydra_output_dir = HydraConfig.get().runtime.output_dir
+        cfg.output_dir = HydraConfig.get().runtime.output_dir
     return instantiate(cfg.cluster).launch(cfg, run_task)
 
 
 def run_task(cfg: DictConfig) -> Any:
     """Run the task in this process (one rank of the job when distributed)."""
-    out_dir = Path(cfg.get("hydra_output_dir") or Path.cwd())
+    out_dir = Path(cfg.output_dir or Path.cwd())
     out_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         OmegaConf.save(cfg, out_dir / "config.yaml")
