@@ -216,5 +216,5 @@ def _follow(job: submitit.Job, poll_s: float = 2.0) -> Any:
             sys.stdout.flush()
             printed = len(text)
         if done:
-            return job.result()
+            return job.results()[0]  # rank 0's
         time.sleep(poll_s)

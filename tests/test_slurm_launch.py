@@ -1,0 +1,153 @@
+"""`launch.py cluster=slurm` against the real single-machine SLURM cluster of tests/slurm/.
+
+Jobs are 2-task DDP runs (gloo, one CPU per task) of PIC on the embedded digits with a narrow
+ResNet, a few steps long. Every wait is bounded: a stuck job is cancelled and fails its test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 120
+# Requeue to restart takes ~15 s with the cluster's cred_expire=10 and sched_interval=2.
+REQUEUE_TIMEOUT_S = 150
+TRAIN = ["backbone.widths=[8,16,32]", "trainer.batch_size=64", "trainer.num_workers=0",
+         "trainer.progress=false", "task.knn_random_init=false", "task.plot=false", "eval.k=5",
+         "logger=none"]
+
+
+def launch(partition: str, *overrides: str, multirun: bool = False,
+           timeout_s: float = 60) -> subprocess.CompletedProcess:
+    """``python launch.py cluster=slurm ...`` on the test cluster (2 CPU-only tasks)."""
+    cmd = [sys.executable, "launch.py", *(["-m"] if multirun else []), "cluster=slurm",
+           f"cluster.partition={partition}", "cluster.gpus_per_node=0", "cluster.cpus_per_task=1",
+           "cluster.nproc_per_node=2", "cluster.timeout_min=10", *TRAIN, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                          env=env)
+
+
+def manifest(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def cancel_and_fail(job_id: str, record: dict, why: str) -> None:
+    subprocess.run(["scancel", job_id], timeout=30, check=False)
+    logs = {k: Path(record[k]).read_text() if Path(record[k]).is_file() else "(none)"
+            for k in ("stdout", "stderr")}
+    pytest.fail(f"job {job_id}: {why}\nstdout:\n{logs['stdout']}\nstderr:\n{logs['stderr']}")
+
+
+def wait_for(predicate, record: dict, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            cancel_and_fail(record["job_id"], record, f"no {what} after {timeout_s} s")
+        time.sleep(0.3)
+
+
+def accounting_states(job_id: str, timeout_s: float = 30) -> list[str]:
+    """sacct states of every run of the job (one row per requeue), once the last is final."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        states = out.split()
+        if states and states[-1] in {"COMPLETED", "FAILED", "CANCELLED"}:
+            return states
+        if time.monotonic() > deadline:
+            pytest.fail(f"sacct shows no final state for job {job_id}: {states}")
+        time.sleep(0.5)
+
+
+def read_step(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=False)["state"]["step"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return -1
+
+
+def test_two_task_job_trains_and_writes_results(slurm_cluster, tmp_path):
+    proc = launch(slurm_cluster.partition, f"hydra.run.dir={tmp_path}", "trainer.max_steps=3",
+                  "cluster.wait=true", timeout_s=JOB_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (record,) = manifest(tmp_path)
+    assert f"submitted SLURM job {record['job_id']}" in proc.stdout
+    assert f"log: {record['stdout']}" in proc.stdout
+    # wait=true streams rank 0's log: the task's summary table reaches this terminal.
+    assert "kNN top-1" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 3 and results["completed"]
+    assert accounting_states(record["job_id"]) == ["COMPLETED"]
+
+
+def test_preempted_job_requeues_and_ends_with_uninterrupted_weights(slurm_cluster, tmp_path):
+    common = ["trainer.max_steps=12", "trainer.checkpoint_every=2", "logger=wandb"]
+    # Both jobs run side by side: the reference and the one that is preempted.
+    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "preempted"
+    for run_dir in (ref_dir, pre_dir):
+        proc = launch(slurm_cluster.partition, f"hydra.run.dir={run_dir}", *common)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    (ref,), (pre,) = manifest(ref_dir), manifest(pre_dir)
+
+    wait_for(lambda: read_step(pre_dir / "current.pth") >= 2, pre, JOB_TIMEOUT_S,
+             "first checkpoint")
+    run_id = torch.load(pre_dir / "current.pth", weights_only=False)["state"]["run_id"]
+    subprocess.run(["scancel", "--signal=USR2", pre["job_id"]], timeout=30, check=True)
+
+    for run_dir, record in ((ref_dir, ref), (pre_dir, pre)):
+        wait_for((run_dir / "results.json").is_file, record, REQUEUE_TIMEOUT_S, "results.json")
+    assert accounting_states(pre["job_id"]) == ["REQUEUED", "COMPLETED"], (
+        "the job was not preempted while training (it finished first?)")
+    assert accounting_states(ref["job_id"]) == ["COMPLETED"]
+    results = json.loads((pre_dir / "results.json").read_text())
+    # The second attempt resumed: it ran fewer than all 12 steps, under the same W&B run.
+    assert results["steps"] == 12 and results["steps_this_attempt"] < 12
+    assert run_id is not None and results["run_id"] == run_id
+    final = torch.load(pre_dir / "current.pth", weights_only=False)["model"]
+    reference = torch.load(ref_dir / "current.pth", weights_only=False)["model"]
+    assert final.keys() == reference.keys()
+    for name, weight in reference.items():
+        assert torch.equal(final[name], weight), name
+
+
+def test_sweep_submits_every_point_and_writes_a_manifest(slurm_cluster, tmp_path):
+    proc = launch(slurm_cluster.partition, "model.temperature=0.1,0.2", "trainer.max_steps=2",
+                  "cluster.nproc_per_node=1", f"hydra.sweep.dir={tmp_path}",
+                  # The default subdir (every override) would pass the 255-byte name limit here.
+                  "hydra.sweep.subdir=${hydra.job.num}", multirun=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = manifest(tmp_path)
+    assert len(records) == 2 and len({r["job_id"] for r in records}) == 2
+    assert [r["overrides"][0] for r in records] == ["model.temperature=0.1",
+                                                    "model.temperature=0.2"]
+    for record in records:
+        path = Path(record["run_dir"]) / "results.json"
+        wait_for(path.is_file, record, JOB_TIMEOUT_S, "results.json")
+        assert accounting_states(record["job_id"]) == ["COMPLETED"]
+    # Each job ran its own point (the config the task saved in its run directory).
+    assert [OmegaConf.load(Path(r["run_dir"]) / "config.yaml").model.temperature
+            for r in records] == [0.1, 0.2]
+
+
+def test_failing_job_is_not_requeued_and_says_why(slurm_cluster, tmp_path):
+    proc = launch(slurm_cluster.partition, f"hydra.run.dir={tmp_path}", "trainer.precision=fp8",
+                  "cluster.wait=true", timeout_s=JOB_TIMEOUT_S)
+    assert proc.returncode != 0
+    assert "trainer.precision='fp8'" in proc.stderr  # the job's error, raised by launch.py
+    (record,) = manifest(tmp_path)
+    assert accounting_states(record["job_id"]) == ["FAILED"]
+    log = Path(record["stderr"]).read_text()
+    assert "job failed and is not requeued: ValueError: trainer.precision='fp8'" in log
