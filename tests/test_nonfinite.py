@@ -176,3 +176,13 @@ def test_pic_loss_is_fp32_in_a_bf16_model() -> None:
     expected = (2 * reference_loss(large, w, index.repeat(2), 0.01)
                 + reference_loss(features[2].detach(), w, index, 0.01)) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_sampled_classifier_refuses_fp16_gradient_scaling() -> None:
+    torch.manual_seed(0)
+    model = PIC(TinyBackbone(), 32, feature_dim=16, num_negatives=4)
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="fp16"):
+        model([torch.randn(4, 3, 4, 4)], torch.arange(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model([torch.randn(4, 3, 4, 4)], torch.arange(4))
+    assert loss.dtype == torch.float32

@@ -194,6 +194,12 @@ class SampledInstanceClassifier(nn.Module):
         The row set is the same on every rank: the positives of the global batch plus the
         negatives. The rows are kept until :meth:`after_step` applies their gradient.
         """
+        kind = labels.device.type
+        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+            # fp16 training scales the loss; the scaler unscales only the optimizer's
+            # parameters, so these rows would be updated with a scaled gradient.
+            raise ValueError("model.num_negatives / model.classifier_storage=host|mmap do not "
+                             "support trainer.precision=fp16 (gradient scaling); use bf16")
         home = self.weight.device
         positives = dist.all_gather(labels).to(home)
         if self.num_negatives >= self.num_instances:
