@@ -249,6 +249,7 @@ def test_pic_with_all_rows_sampled_equals_dense_pic(tmp_path: Path) -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["host", "mmap"])
 def test_sampled_pic_resumes_exactly(tmp_path: Path, storage: str) -> None:
     kw = dict(num_negatives=10, negative_sampling="recent", classifier_storage=storage,
@@ -284,6 +285,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_share_rows_and_match_one_process(tmp_path: Path) -> None:
     port = 29500 + os.getpid() % 1000
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)

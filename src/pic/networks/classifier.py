@@ -329,8 +329,8 @@ class SampledInstanceClassifier(nn.Module):
         self.sync_state()  # a no-op when the trainer has just called it
         state: dict[str, Any] = {
             "num_instances": self.num_instances, "dim": self.dim, "t": self.t,
-            "sweep": self.sweep, "seed": self.seed, "q": self.q.cpu(), "fifo": self.fifo.cpu(),
-            "fifo_pos": self.fifo_pos}
+            "sweep": self.sweep, "seed": self.seed, "fifo": self.fifo.cpu(),
+            "fifo_pos": self.fifo_pos}  # no q: every row is current, none needs the history
         if self.storage == "mmap":
             state["snapshot"] = self._snapshot
         else:
@@ -345,7 +345,6 @@ class SampledInstanceClassifier(nn.Module):
                              f"{self.num_instances}×{self.dim} (different dataset?)")
         self.t, self.sweep, self.seed = state["t"], state["sweep"], state["seed"]
         self.fifo_pos = state["fifo_pos"]
-        self.q.copy_(state["q"])
         self.fifo.copy_(state["fifo"])
         if self.storage == "mmap":
             self._snapshot = state["snapshot"]
