@@ -192,3 +192,12 @@ def test_linear_errors(tmp_path: Path) -> None:
                       "task.pretrain_first=true")
     with pytest.raises(ValueError, match="drop one of the two"):
         instantiate(cfg.task).run(cfg, tmp_path / "d")
+
+
+def test_knn_task_names_a_mismatched_backbone(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "pre.pth")
+    data = [o for o in SMALL_RUN if not o.startswith("task")]
+    cfg = compose_cfg(*data, "task=knn", f"pretrained={tmp_path / 'pre.pth'}",
+                      "backbone.widths=[8,16,64]")
+    with pytest.raises(ValueError, match="pre.pth: its backbone does not match"):
+        instantiate(cfg.task).run(cfg, tmp_path)

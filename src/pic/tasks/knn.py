@@ -8,9 +8,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ..engine.checkpoint import backbone_state, load_checkpoint
 from ..engine.trainer import resolve_device
 from .common import eval_splits, write_results
+from .linear import load_backbone
 
 
 class KNNTask:
@@ -21,8 +21,7 @@ class KNNTask:
     def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if not cfg.pretrained:
             raise ValueError("task=knn needs pretrained=PATH (a current.pth of a pretraining run)")
-        backbone = instantiate(cfg.backbone)
-        backbone.load_state_dict(backbone_state(load_checkpoint(cfg.pretrained)))
+        backbone = load_backbone(instantiate(cfg.backbone), cfg.pretrained)
         data = instantiate(cfg.data)
         bank_set, val_set = eval_splits(cfg, data)
         knn = instantiate(cfg.eval)
