@@ -21,6 +21,9 @@ def run(cfg: DictConfig) -> Any:
         # The run directory travels inside the config: spawned processes and SLURM jobs have no
         # Hydra context of their own.
         cfg.output_dir = HydraConfig.get().runtime.output_dir
+    # Resolve now (${hydra:...}, ${now:...}, cross-references) so that the config means the same
+    # in every process and job it is sent to.
+    OmegaConf.resolve(cfg)
     return instantiate(cfg.cluster).launch(cfg, run_task)
 
 
