@@ -172,7 +172,7 @@ class Slurm:
 
     def launch(self, cfg: DictConfig, run: Run) -> dict[str, Any]:
         """Submit; returns the manifest record, or rank 0's result when ``wait``."""
-        run_dir = Path(cfg.hydra_output_dir).absolute()
+        run_dir = Path(cfg.get("output_dir") or Path.cwd()).absolute()
         executor = submitit.SlurmExecutor(folder=run_dir / "slurm",
                                           max_num_timeout=self.max_requeue)
         executor.update_parameters(**self.sbatch_parameters(str(cfg.get("name", "pic"))))
