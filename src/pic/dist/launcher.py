@@ -122,11 +122,11 @@ class SlurmJob(submitit.helpers.Checkpointable):
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if restarts >= self.max_requeue:
-            log.error("preempted after %d requeues (cluster.max_requeue=%d): not requeued",
+            log.error("interrupted after %d requeues (cluster.max_requeue=%d): not requeued",
                       restarts, self.max_requeue)
             return None
-        log.warning("preempted: requeueing (restart %d of at most %d); the run resumes from its "
-                    "last current.pth", restarts + 1, self.max_requeue)
+        log.warning("preempted or at the time limit: requeueing (restart %d of at most %d); the "
+                    "run resumes from its last current.pth", restarts + 1, self.max_requeue)
         return super().checkpoint()
 
 
