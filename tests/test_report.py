@@ -13,7 +13,7 @@ import torch
 
 from pic.engine.checkpoint import FORMAT, atomic_save
 from pic.engine.trainer import TrainState
-from pic.report import find_runs, main
+from pic.report import find_runs, knn_curve, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -102,3 +102,13 @@ def test_errors_name_the_directory_or_file(tmp_path: Path,
     (tmp_path / "run" / "results.json").write_text("{not json")
     assert main([str(tmp_path)]) == 2
     assert f"{tmp_path / 'run' / 'results.json'}: not valid JSON" in capsys.readouterr().err
+
+
+def test_knn_curve_from_random_init_through_the_monitor_to_the_end() -> None:
+    results = {"epochs": 30.0, "knn_top1": 60.0, "knn_top1_random_init": 20.0,
+               "knn_history": [{"epoch": 10.0, "top1": 40.0, "top5": 70.0},
+                               {"epoch": 20.0, "top1": 50.0, "top5": 80.0},
+                               {"epoch": 30.0, "top1": 60.0, "top5": 90.0}]}
+    assert knn_curve(results) == [(0.0, 20.0), (10.0, 40.0), (20.0, 50.0), (30.0, 60.0)]
+    del results["knn_history"]
+    assert knn_curve(results) == [(0.0, 20.0), (30.0, 60.0)]

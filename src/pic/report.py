@@ -4,9 +4,10 @@
     python -m pic.report multirun/2026-11-29/10-00-00             # a sweep (e.g. paper_table)
 
 Writes ``DIR/report.md``, ``DIR/report.csv`` and three PNGs: ``report_loss.png`` (training loss
-per run against epochs), ``report_eval.png`` (kNN top-1 from random init to the end of
-pretraining, and linear top-1 per linear epoch) and ``report_linear.png`` (linear top-1 per run,
-the paper's value beside it for the rows of its table). A run is a directory with a
+per run against epochs), ``report_eval.png`` (kNN top-1 from random init, through the kNN
+monitor's ``knn_history`` when results have one, to the end of pretraining; linear top-1 per
+linear epoch) and ``report_linear.png`` (linear top-1 per run, the paper's value beside it for
+the rows of its table). A run is a directory with a
 ``results.json``; the ``linear/`` directory of a pretrain → linear run belongs to its parent.
 Loss curves come from each run's ``current.pth`` (memory-mapped: only the history is read).
 """
@@ -129,6 +130,15 @@ def table(runs: list[Run], root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def knn_curve(results: dict[str, Any]) -> list[tuple[float, float]]:
+    """(pretraining epoch, kNN top-1): random init at 0, the kNN monitor's points
+    (``knn_history``, rows ``{epoch, top1, top5}``) if recorded, and the end of the run."""
+    points = [(0.0, results.get("knn_top1_random_init", float("nan")))]
+    points += [(h["epoch"], h["top1"]) for h in results.get("knn_history", [])
+               if h["epoch"] < results["epochs"]]
+    return [*points, (results["epochs"], results["knn_top1"])]
+
+
 def plot(runs: list[Run], prefix: Path) -> list[Path]:
     """The three PNGs of the report; returns their paths."""
     import matplotlib
@@ -151,9 +161,7 @@ def plot(runs: list[Run], prefix: Path) -> list[Path]:
     for run in runs:
         r = run.results
         if "knn_top1" in r:
-            xs = [0.0, r.get("epochs", 1.0)]
-            ys = [r.get("knn_top1_random_init", float("nan")), r["knn_top1"]]
-            ax_knn.plot(xs, ys, marker="o", label=run.name)
+            ax_knn.plot(*zip(*knn_curve(r), strict=True), marker="o", label=run.name)
         history = r.get("linear_history", [])
         if history:
             ax_lin.plot([h["epoch"] for h in history], [h["top1"] for h in history], marker=".",
