@@ -111,7 +111,9 @@ def test_command_line_overrides_an_experiment() -> None:
 
 
 def test_paper_table_sweep_runs_every_row() -> None:
-    cfg = compose_cfg("+sweeps=paper_table", searchpath=True)
+    # Hydra composes the sweep once before its rows: task.* overrides must be valid there.
+    cfg = compose_cfg("+sweeps=paper_table", "task.epochs=1", searchpath=True)
+    assert cfg.task.pretrain_first and cfg.task.epochs == 1
     params = cfg.hydra.sweeper.params
     assert list(params) == ["experiment"]
     (override,) = OverridesParser.create().parse_overrides([f"experiment={params.experiment}"])
