@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from pic.collect import collect
 from pic.collect import main as collect_main
-from pic.dist import get_world_size, is_dist
+from pic.dist import all_reduce_sum, get_rank, get_world_size, is_dist
 from pic.dist.init import init_distributed
-from pic.dist.launcher import Local, Slurm
+from pic.dist.launcher import Local, Slurm, SlurmJob
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,3 +176,27 @@ def test_collect_errors_name_the_directory_or_file(tmp_path, capsys):
     (tmp_path / "r" / "results.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"r/results.json: not valid JSON"):
         collect(tmp_path)
+
+
+def rank_report(cfg) -> dict:
+    """Run by every spawned process: who it is, and a collective that needs the group."""
+    total = all_reduce_sum(torch.tensor([float(get_rank() + 1)]))
+    return {"rank": get_rank(), "world": get_world_size(), "sum": total.item(), "key": cfg.key}
+
+
+def test_local_spawns_a_process_group_and_returns_rank_zeros_result():
+    cfg = OmegaConf.create({"key": "${other}", "other": "resolved"})
+    result = Local(nproc_per_node=2).launch(cfg, rank_report)
+    assert result == {"rank": 0, "world": 2, "sum": 3.0, "key": "resolved"}
+
+
+@pytest.mark.parametrize(("restarts", "requeued"), [(0, True), (1, True), (2, False)])
+def test_slurm_job_requeues_at_most_max_requeue_times(monkeypatch, restarts, requeued):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+    job = SlurmJob({"key": 1}, rank_report, max_requeue=2)
+    delayed = job.checkpoint()
+    if requeued:
+        # The same callable again: the requeued job finds its progress in current.pth.
+        assert delayed.function is job and delayed.args == () and delayed.kwargs == {}
+    else:
+        assert delayed is None
