@@ -170,7 +170,7 @@ class Slurm:
         }
         return {k: v for k, v in params.items() if v is not None}
 
-    def launch(self, cfg: DictConfig, run: Run) -> dict[str, Any]:
+    def launch(self, cfg: DictConfig, run: Run) -> Any:
         """Submit; returns the manifest record, or rank 0's result when ``wait``."""
         run_dir = Path(cfg.get("output_dir") or Path.cwd()).absolute()
         executor = submitit.SlurmExecutor(folder=run_dir / "slurm",
