@@ -96,23 +96,26 @@ class ImageData(ABC):
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """Reseeds the random generators from (seed, epoch, position) before each item.
+    """Reseeds the random generators from (seed, epoch, global position) before each item.
 
-    The random augmentation of the p-th sample of epoch e is then a function of those numbers
-    alone: independent of the number of loader workers, and identical after a resume.
+    The random augmentation of a sample is then a function of those numbers alone: independent
+    of the number of loader workers, identical after a resume, and — since rank r's p-th sample
+    is the global window's (p·world + r)-th — the same for any number of processes.
     Indices come from :class:`RunSampler` as ``(epoch, position, index)``.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.dataset = dataset
-        self.seed = seed
+        self.seed, self.rank, self.world_size = seed, rank, world_size
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         epoch, position, index = key
-        item_seed = hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF
+        global_position = position * self.world_size + self.rank
+        item_seed = hash((self.seed, epoch, global_position)) & 0x7FFF_FFFF_FFFF
         torch.manual_seed(item_seed)
         random.seed(item_seed)
         return self.dataset[index]
