@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from pic.config import CONF_DIR, register_schemas
 from pic.engine.checkpoint import FORMAT, atomic_save, load_checkpoint
 from pic.models.pic import PIC
 from pic.networks.resnet import TinyResNet
+from pic.tasks.common import eval_splits
 from pic.tasks.linear import LinearProbe, evaluate
 
 WIDTHS = [8, 16, 32]
@@ -201,3 +205,33 @@ def test_knn_task_names_a_mismatched_backbone(tmp_path: Path) -> None:
                       "backbone.widths=[8,16,64]")
     with pytest.raises(ValueError, match="pre.pth: its backbone does not match"):
         instantiate(cfg.task).run(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_two_processes_report_the_accuracy_of_their_final_probe(tmp_path: Path) -> None:
+    """cluster=local with 2 gloo processes: the run completes, the backbone stays the pretrained
+    one, and the reported top-1/top-5 (each rank scoring half of the validation images) equal a
+    one-process evaluation of the saved probe."""
+    pretrained = write_checkpoint(tmp_path / "pre.pth")
+    run = tmp_path / "ddp"
+    overrides = [o for o in SMALL_RUN if o != "name=test"]
+    cmd = [sys.executable, "launch.py", *overrides, f"pretrained={tmp_path / 'pre.pth'}",
+           f"hydra.run.dir={run}", "cluster.nproc_per_node=2"]
+    root = CONF_DIR.parent
+    done = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2 * (192 // 64) and results["completed"]
+
+    state = load_checkpoint(run / "current.pth")["model"]
+    for key, value in pretrained.items():
+        assert torch.equal(state[f"backbone.{key}"], value), key
+    cfg = compose_cfg(*SMALL_RUN)
+    data = instantiate(cfg.data)
+    _, val_set = eval_splits(cfg, data)
+    probe = LinearProbe(TinyResNet(WIDTHS), data.num_classes, torch.zeros(1, dtype=torch.long))
+    probe.load_state_dict(state)
+    scores = evaluate(probe, val_set, batch_size=32, device=torch.device("cpu"))
+    assert (results["linear_top1"], results["linear_top5"]) == pytest.approx(
+        (scores["top1"], scores["top5"]))
