@@ -1,0 +1,224 @@
+"""The trainer's speed options reach the model, keep resume exact, and the step benchmark runs.
+
+A tiny convolutional PIC (one 3×3 conv + BN) trained by the real Trainer on random 8 px images.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+import pic.engine.trainer as trainer_module
+from pic.data.samplers import EpochSampler
+from pic.engine.checkpoint import load_checkpoint
+from pic.engine.optim import sgd
+from pic.engine.schedules import Cosine
+from pic.engine.trainer import Trainer
+from pic.logging.loggers import NoLogger
+from pic.models.pic import PIC
+
+from .helpers import ROOT, compose_config
+
+N = 32
+
+
+class TinyImages(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.images = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"crops": [self.images[i]], "index": i, "label": 0, "replaced": 0}
+
+
+class ConvBackbone(nn.Module):
+    """B×3×H×W → B×8; records the dtype and layout of every batch it receives."""
+
+    out_dim = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.seen: list[tuple[torch.dtype, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        self.seen.append((y.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+        return torch.relu(self.bn(y)).mean(dim=(2, 3))
+
+
+class RecordingLogger(NoLogger):
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, metrics))
+
+
+def tiny_pic() -> PIC:
+    torch.manual_seed(0)
+    return PIC(ConvBackbone(), N, feature_dim=8, mlp_head=False, classifier_init_norm=1.0)
+
+
+def fit(model: nn.Module, out_dir: Path, max_steps: int, logger=None, **trainer_kw) -> dict:
+    kw = dict(epochs=10, batch_size=8, max_steps=max_steps, num_workers=0, device="cpu",
+              progress=False) | trainer_kw
+    trainer = Trainer(**kw)
+    return trainer.fit(model, TinyImages(N), EpochSampler(N, seed=0), sgd(model, 8, lr=0.5),
+                       Cosine(), out_dir, logger or NoLogger(), seed=0)
+
+
+# ---------------------------------------------------------------------- options reach the model
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_reaches_weights_and_every_batch(tmp_path: Path,
+                                                      channels_last: bool) -> None:
+    model = tiny_pic()
+    fit(model, tmp_path, 3, channels_last=channels_last)
+    weight = model.backbone.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert [layout for _, layout in model.backbone.seen] == [channels_last] * 3
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32),
+                                                  ("bf16", torch.bfloat16),
+                                                  ("fp16", torch.float16)])
+def test_precision_sets_the_autocast_dtype_and_fp16_scales_the_loss(
+        tmp_path: Path, precision: str, dtype: torch.dtype) -> None:
+    model = tiny_pic()
+    trainer = Trainer(precision=precision, device="cpu")
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    summary = fit(model, tmp_path, 3, precision=precision)
+    assert [d for d, _ in model.backbone.seen] == [dtype] * 3
+    assert summary["steps"] == 3
+    scaler = load_checkpoint(tmp_path / "current.pth")["scaler"]
+    assert (scaler != {}) == (precision == "fp16")  # the loss scale is checkpointed with fp16
+
+
+def test_an_unknown_precision_is_one_error_naming_the_key() -> None:
+    with pytest.raises(ValueError, match=r"trainer.precision='fp8'.*bf16"):
+        Trainer(precision="fp8")
+
+
+def test_compile_compiles_the_backbone_in_place_and_keeps_checkpoint_keys() -> None:
+    model = tiny_pic()
+    keys = list(model.state_dict())
+    Trainer(compile=False, device="cpu").prepare(model)
+    assert model.backbone._compiled_call_impl is None
+    Trainer(compile=True, device="cpu").prepare(model)
+    assert model.backbone._compiled_call_impl is not None
+    assert model.encoder._compiled_call_impl is None  # only the backbone
+    assert list(model.state_dict()) == keys
+
+
+def test_cudnn_benchmark_is_set_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    Trainer(cudnn_benchmark=True, device="cpu").prepare(tiny_pic())
+    assert torch.backends.cudnn.benchmark is False
+    trainer = Trainer(cudnn_benchmark=True, device="cpu")
+    trainer.device = torch.device("cuda", 0)  # prepare() only reads the device type
+    trainer.prepare(tiny_pic())
+    assert torch.backends.cudnn.benchmark is True
+    trainer.cudnn_benchmark = False
+    trainer.prepare(tiny_pic())
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_config_defaults_turn_the_cpu_and_gpu_options_on() -> None:
+    cfg = compose_config()
+    trainer = instantiate(cfg.trainer)
+    assert (trainer.precision, trainer.channels_last, trainer.compile,
+            trainer.cudnn_benchmark) == ("bf16", True, False, True)
+    cfg = compose_config("trainer.precision=fp16", "trainer.compile=true",
+                         "trainer.channels_last=false", "trainer.cudnn_benchmark=false")
+    trainer = instantiate(cfg.trainer)
+    assert (trainer.precision, trainer.channels_last, trainer.compile,
+            trainer.cudnn_benchmark) == ("fp16", False, True, False)
+
+
+# ---------------------------------------------------------------------- behaviour kept
+def test_resume_is_exact_with_bf16_and_channels_last(tmp_path: Path) -> None:
+    kw = dict(precision="bf16", channels_last=True)
+    straight = tiny_pic()
+    fit(straight, tmp_path / "straight", 7, **kw)
+    fit(tiny_pic(), tmp_path / "resumed", 3, **kw)
+    resumed = tiny_pic()
+    summary = fit(resumed, tmp_path / "resumed", 7, **kw)
+    assert summary["steps"] == 7 and summary["steps_this_attempt"] == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(straight.classifier.weight, tiny_pic().classifier.weight)
+
+
+@pytest.mark.parametrize(("max_steps", "every", "saved_at"), [(10, 5, [5, 10]),
+                                                               (10, 4, [4, 8, 10]),
+                                                               (10, 100, [10])])
+def test_each_checkpoint_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         max_steps: int, every: int, saved_at: list[int]) -> None:
+    saves: list[int] = []
+    save = trainer_module.atomic_save
+    monkeypatch.setattr(trainer_module, "atomic_save",
+                        lambda obj, path: (saves.append(obj["state"]["step"]), save(obj, path)))
+    fit(tiny_pic(), tmp_path, max_steps, checkpoint_every=every)
+    assert saves == saved_at
+    saves.clear()
+    fit(tiny_pic(), tmp_path, max_steps, checkpoint_every=every)  # finished: nothing to redo
+    assert saves == []
+
+
+def test_logged_metrics_are_window_means(tmp_path: Path) -> None:
+    model, losses = tiny_pic(), []
+    forward = model.forward
+
+    def recording_forward(crops, index):
+        loss, metrics = forward(crops, index)
+        losses.append(float(loss.detach()))
+        return loss, metrics
+
+    model.forward = recording_forward  # type: ignore[method-assign]
+    logger = RecordingLogger()
+    fit(model, tmp_path, 7, logger=logger, log_every=3)
+    # Log points: every 3 steps, the end of the epoch (4 steps of 8) and the last step (7);
+    # each averages the losses of its window.
+    assert [step for step, _ in logger.logged] == [3, 4, 6, 7]
+    windows = [(0, 3), (3, 4), (4, 6), (6, 7)]
+    for (step, out), (lo, hi) in zip(logger.logged, windows, strict=True):
+        expected = math.fsum(losses[lo:hi]) / (hi - lo)
+        assert out["loss"] == pytest.approx(expected, rel=1e-6), step
+        assert out["grad_norm"] > 0 and math.isfinite(out["grad_norm"])
+
+
+# ---------------------------------------------------------------------- compile, benchmark
+@pytest.mark.slow
+def test_a_compiled_backbone_trains_like_the_eager_one(tmp_path: Path) -> None:
+    eager, compiled = tiny_pic(), tiny_pic()
+    fit(eager, tmp_path / "eager", 3)
+    fit(compiled, tmp_path / "compiled", 3, compile=True)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--quick"], ["--quick", "--options"]])
+def test_the_step_benchmark_runs(args: list[str], capsys: pytest.CaptureFixture) -> None:
+    load_bench().main(args)
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 3, table  # header + one row per method or option
