@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from .. import dist
+from ..engine.checkpoint import atomic_write_text
 from ..engine.knn import extract_features
 from .common import config_dict, eval_splits, make_logger, seed_everything, write_results
 
@@ -55,10 +57,20 @@ class Pretrain:
                 random_path.write_text(json.dumps(baseline))
             dist.barrier()
 
+        # The kNN monitor's curve survives resumes beside the checkpoint (the report plots it).
+        history_path = out_dir / "knn_history.json"
+        knn_history = (json.loads(history_path.read_text())
+                       if cfg.auto_resume and history_path.is_file() else [])
+
         def epoch_end(epoch: int, passes: float) -> dict[str, float]:
-            if knn.every and int(passes) % knn.every == 0 and passes - int(passes) < 1e-9:
-                return {f"knn_{k}": v for k, v in knn_eval().items()}
-            return {}
+            if not (knn.every and int(passes) % knn.every == 0 and passes - int(passes) < 1e-9):
+                return {}
+            scores = knn_eval()
+            knn_history[:] = [h for h in knn_history if h["epoch"] != passes]
+            knn_history.append({"epoch": passes, **scores})
+            if dist.is_main():
+                atomic_write_text(json.dumps(knn_history), history_path)
+            return {f"knn_{k}": v for k, v in scores.items()}
 
         logger = make_logger(cfg)
         summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
@@ -67,17 +79,21 @@ class Pretrain:
         results: dict[str, Any] = {k: v for k, v in summary.items() if k != "loss_history"}
         final = knn_eval()
         results.update(knn_top1=final["top1"], knn_top5=final["top5"], method=cfg.model._target_,
-                       num_instances=len(train_set), world_size=world)
+                       num_instances=len(train_set), world_size=world,
+                       knn_history=sorted(knn_history, key=lambda h: h["epoch"]))
         if random_path.is_file():
             baseline = json.loads(random_path.read_text())
             results.update(knn_top1_random_init=baseline["top1"],
                            knn_top5_random_init=baseline["top5"])
-        logger.summary(results)
+        logger.summary({k: v for k, v in results.items() if not isinstance(v, list)})
         logger.finish()
         if self.plot and dist.is_main() and summary["loss_history"]:
             from ..logging.plots import plot_run
 
-            feats, labels = extract_features(model.backbone, val_set, knn.batch_size,
+            # t-SNE is quadratic-ish: a fixed random subset of at most 5,000 held-out images.
+            subset = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(0))
+            subset = torch.utils.data.Subset(val_set, subset[:5000].sort().values.tolist())
+            feats, labels = extract_features(model.backbone, subset, knn.batch_size,
                                              trainer.device)
             steps, losses = zip(*summary["loss_history"], strict=True)
             plot_run(out_dir / "summary.png", list(steps), list(losses), feats.numpy(),
