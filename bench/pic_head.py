@@ -63,6 +63,7 @@ def measure(kind: str, n: int, k: int, steps: int, directory: str) -> dict:
         storage = kind.split("-")[1]
         clf = SampledInstanceClassifier(n, D, num_negatives=k, sampling="uniform",
                                         storage=storage, storage_dir=directory)
+        os.sync()  # time steps, not the write-back of the freshly written files
     setup_s = time.perf_counter() - start
     peak_anon = status_kib("RssAnon")
     times, rows = [], 0

@@ -12,6 +12,7 @@ Two forms share one interface, ``forward(labels) -> (rows C×D, labels into rows
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -180,11 +181,16 @@ class SampledInstanceClassifier(nn.Module):
                 f.write(block.numpy().tobytes())
         for name, size in (("momentum", n * d * 4), ("last", n * 8)):
             with open(self._path(name), "wb") as f:
-                f.truncate(size)  # a sparse file of zeros
+                # Zeros with their disk blocks allocated now: a full disk then fails here, not
+                # with SIGBUS when a row is first written through the mapping.
+                os.posix_fallocate(f.fileno(), 0, size)
         self._maps = [np.memmap(self._path(name), dtype=dtype, mode="r+", shape=shape)
                       for name, dtype, shape in (("weight", np.float32, (n, d)),
                                                  ("momentum", np.float32, (n, d)),
                                                  ("last", np.int64, (n,)))]
+        for mapped in self._maps:
+            # Rows are read in random order: read-ahead would fetch 32 unused pages per row.
+            mapped._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
         self.weight, self.momentum_buffer, self.last = map(torch.from_numpy, self._maps)
 
     # ------------------------------------------------------------------ the step
