@@ -18,7 +18,7 @@ multi-crop (one 160 px + three 96 px crops) through ``Trainer.train_step``, with
 defaults and with each speed option flipped; FLOPs per step are counted from the model
 (``torch.utils.flop_counter``: convolutions and matrix products, forward and backward) and
 divided by the step time and the GPU's dense bf16 peak (``--peak-tflops``, 989 for H100/H200
-SXM).
+SXM; 835 for H200 NVL).
 
     python bench/train_step.py --device cuda [--batch-size 256]
 
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=8, help="steps per timed repeat")
     parser.add_argument("--batch-size", type=int, default=256, help="options table only")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="the device's dense bf16 peak (H100/H200 SXM: 989)")
+    parser.add_argument("--peak-tflops", type=float, default=989.4,
+                        help="the device's dense bf16 peak (H100/H200 SXM: 989.4)")
     parser.add_argument("--quick", action="store_true", help="tiny network, few steps")
     args = parser.parse_args(argv)
 
