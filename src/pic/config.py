@@ -3,8 +3,8 @@
 Every ``conf/<group>/<option>.yaml`` builds one callable through ``_target_`` and its keys are
 that callable's parameters. Rather than writing each dataclass twice (once as the class, once
 as its schema), :func:`register_schemas` reads the signature of every target and stores a
-dataclass in Hydra's ConfigStore as ``/schema/<group>/<option>``; the option file merges it
-first (``defaults: [/schema/<group>/<option>@_here_, _self_]``). A misspelt key or a value of
+dataclass in Hydra's ConfigStore as ``schema_<group>_<option>``; the option file merges it
+first (``defaults: [/schema_<group>_<option>@_here_, _self_]``). A misspelt key or a value of
 the wrong type then fails during composition, with Hydra's message naming the full key.
 """
 
@@ -68,6 +68,12 @@ def schema_for(target: str) -> type:
     return dataclasses.make_dataclass(f"{obj.__name__}Config", fields)
 
 
+def schema_name(group: str, option: str) -> str:
+    """``schema_<group>_<option>``: a top-level config rather than a group, so that ``--help``
+    lists only the groups a user chooses from."""
+    return f"schema_{group.replace('/', '_')}_{option}"
+
+
 def register_schemas(conf_dir: Path = CONF_DIR) -> None:
     """Store a schema for every option file of ``conf_dir`` that has a ``_target_``.
 
@@ -85,7 +91,7 @@ def register_schemas(conf_dir: Path = CONF_DIR) -> None:
             schema = schema_for(target)
         except (ImportError, AttributeError, ValueError) as err:
             raise RuntimeError(f"{path}: cannot build a schema for {target}: {err}") from err
-        store.store(group=f"schema/{group}", name=path.stem, node=schema)
+        store.store(name=schema_name(group, path.stem), node=schema)
     store.store(name="schema_root", node=_root_schema())
 
 
