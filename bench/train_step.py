@@ -54,6 +54,15 @@ QUICK = ["backbone=resnet_tiny", "backbone.widths=[8,16]", "trainer.batch_size=1
          "data.image_size=16"]
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config launch.py would compose for these overrides (``name`` fixed)."""
     register_schemas()
@@ -197,7 +206,7 @@ def overhead(method: str, overrides: list[str], repeats: int, steps: int) -> dic
 
 
 def print_overhead(rows: list[dict[str, Any]], repeats: int, steps: int) -> None:
-    print(f"\nPlatform step vs hand-written loop on {platform.processor() or platform.machine()}, "
+    print(f"\nPlatform step vs hand-written loop on {cpu_name()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; {repeats} interleaved "
           f"repeats of {steps} steps, medians. One in-memory batch: data loading excluded.\n")
     print("| method | batch | precision | channels_last | optimizer | platform steps/s | "
@@ -248,7 +257,7 @@ def options(device: str, overrides: list[str], batch_size: int, sizes: dict[str,
             f"trainer.batch_size={batch_size}", *(QUICK if quick else ["backbone=resnet50"]),
             *overrides]
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     print(f"\nTrainer.train_step on {name}, PIC (N = 10,000 instances), ResNet-50 unless --quick, "
           f"per-device batch {batch_size}; {steps} timed steps after {warmup} warm-up steps; "
           f"FLOP fraction of {peak_tflops:g} TFLOP/s. {time.strftime('%Y-%m-%d')}, "
