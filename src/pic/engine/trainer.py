@@ -222,10 +222,14 @@ class Trainer:
         if dist.is_main():
             logger.start(out_dir, getattr(self, "config", {}), run_id=state.run_id)
             state.run_id = logger.run_id
+        if saved_step is None:
+            # A checkpoint before the first step: a job preempted early keeps its W&B run id.
+            self._save(ckpt_path, model, optimizer, state)
+            saved_step = state.step
 
         # One iterator for the whole run (RunSampler spans every epoch): workers start once.
         loader = torch.utils.data.DataLoader(
-            SeededItems(dataset, seed),
+            SeededItems(dataset, seed, dist.get_rank(), dist.get_world_size()),
             sampler=RunSampler(sampler, per_rank, state.epoch, state.position, num_epochs),
             batch_size=per_rank, num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None)
@@ -289,12 +293,15 @@ class Trainer:
                     extra = epoch_end(state.epoch, state.step / steps_per_pass)
                     if extra and dist.is_main():
                         logger.log(extra, state.step)
-            if state.step % self.checkpoint_every == 0 or self.stop_requested:
+            # A stop request counts once every rank has seen it (checked at log points, where
+            # the ranks synchronise anyway), so all of them save and leave at the same step.
+            stop = state.step % self.log_every == 0 and self._any_rank(self.stop_requested)
+            if state.step % self.checkpoint_every == 0 or stop:
                 state.train_time += time.perf_counter() - start_time
                 start_time = time.perf_counter()
                 self._save(ckpt_path, model, optimizer, state)
                 saved_step = state.step
-            if state.step >= last_step or self.stop_requested:
+            if state.step >= last_step or stop:
                 break
         if bar is not None:
             bar.close()
@@ -309,6 +316,9 @@ class Trainer:
             "final_lr": lr, "loss_history": state.history, "steps_this_attempt": steps_run,
             "completed": state.step >= last_step, "run_id": state.run_id,
         }
+
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(dist.all_reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
 
     @staticmethod
     def _reduce(metrics_sum: dict[str, torch.Tensor], count: int,
