@@ -24,7 +24,8 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from pic.data.decode import describe_decoder
-from pic.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderData
+from pic.data.encoded import IMAGENET_MEAN, IMAGENET_STD
+from pic.data.folder import FolderData
 from pic.data.make_zip import make_zip
 from pic.data.transforms import linear
 from pic.data.zipdata import ZipData

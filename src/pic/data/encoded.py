@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from pathlib import Path
 
 import numpy as np
 
-from .base import InstanceDataset, Transform
+from .base import ImageData, InstanceDataset, Transform
 from .decode import check_decoder, decode, describe_decoder
 
 log = logging.getLogger(__name__)
@@ -113,3 +114,26 @@ class EncodedImageDataset(InstanceDataset):
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class EncodedImageData(ImageData):
+    """What the folder and zip factories share: the root, the training crop size
+    (``image_size``), the cache, bad-image policy and decoder, and ``mean``/``std`` (RGB, 0–1
+    scale) for normalising crops, ImageNet's statistics by default."""
+
+    def __init__(self, root: str, image_size: int = 224, cache_mode: str = "no",
+                 strict: bool = False, decoder: str = "torchvision",
+                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
+        check_cache_mode(cache_mode)
+        check_decoder(decoder)
+        self.root = Path(root)
+        self.image_size = image_size
+        self.cache_mode = cache_mode
+        self.strict = strict
+        self.decoder = decoder
+        self.mean = list(mean) if mean is not None else IMAGENET_MEAN
+        self.std = list(std) if std is not None else IMAGENET_STD

@@ -10,12 +10,9 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from .base import ImageData, Transform
-from .decode import check_decoder
-from .encoded import EncodedImageDataset, check_cache_mode, check_split
+from .base import Transform
+from .encoded import EncodedImageData, EncodedImageDataset, check_split
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
 
@@ -79,32 +76,12 @@ class FolderDataset(EncodedImageDataset):
         return str(self.paths[index])
 
 
-class FolderData(ImageData):
+class FolderData(EncodedImageData):
     """Factory for `root/train/<class>/*` and `root/val/<class>/*`.
 
     `image_size` is the training crop size; `mean`/`std` (RGB, 0-1 scale) normalise the crops,
     ImageNet's statistics by default.
     """
-
-    def __init__(
-        self,
-        root: str,
-        image_size: int = 224,
-        cache_mode: str = "no",
-        strict: bool = False,
-        decoder: str = "torchvision",
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-    ) -> None:
-        check_cache_mode(cache_mode)
-        check_decoder(decoder)
-        self.root = Path(root)
-        self.image_size = image_size
-        self.cache_mode = cache_mode
-        self.strict = strict
-        self.decoder = decoder
-        self.mean = list(mean) if mean is not None else IMAGENET_MEAN
-        self.std = list(std) if std is not None else IMAGENET_STD
 
     @cached_property
     def classes(self) -> list[str]:

@@ -12,10 +12,8 @@ import zipfile
 from functools import cached_property
 from pathlib import Path
 
-from .base import ImageData, Transform
-from .decode import check_decoder
-from .encoded import EncodedImageDataset, check_cache_mode, check_split
-from .folder import IMAGENET_MEAN, IMAGENET_STD
+from .base import Transform
+from .encoded import EncodedImageData, EncodedImageDataset, check_split
 
 
 def read_map(map_path: Path) -> tuple[list[str], list[int]]:
@@ -122,32 +120,12 @@ def _line_of(map_path: Path, entry: int) -> int:
     raise IndexError(entry)
 
 
-class ZipData(ImageData):
+class ZipData(EncodedImageData):
     """Factory for `root/{train,val}.zip` + `root/{train,val}_map.txt` (ImageNet's zip format).
 
     The number of classes is the largest train label + 1. `image_size` is the training crop
     size; `mean`/`std` (RGB, 0-1 scale) normalise the crops, ImageNet's statistics by default.
     """
-
-    def __init__(
-        self,
-        root: str,
-        image_size: int = 224,
-        cache_mode: str = "no",
-        strict: bool = False,
-        decoder: str = "torchvision",
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-    ) -> None:
-        check_cache_mode(cache_mode)
-        check_decoder(decoder)
-        self.root = Path(root)
-        self.image_size = image_size
-        self.cache_mode = cache_mode
-        self.strict = strict
-        self.decoder = decoder
-        self.mean = list(mean) if mean is not None else IMAGENET_MEAN
-        self.std = list(std) if std is not None else IMAGENET_STD
 
     @cached_property
     def num_classes(self) -> int:
