@@ -159,9 +159,10 @@ def test_resume_is_exact_with_bf16_and_channels_last(tmp_path: Path) -> None:
     assert not torch.equal(straight.classifier.weight, tiny_pic().classifier.weight)
 
 
-@pytest.mark.parametrize(("max_steps", "every", "saved_at"), [(10, 5, [5, 10]),
-                                                               (10, 4, [4, 8, 10]),
-                                                               (10, 100, [10])])
+# Step 0 is saved before training starts, so that a job preempted early keeps its W&B run id.
+@pytest.mark.parametrize(("max_steps", "every", "saved_at"), [(10, 5, [0, 5, 10]),
+                                                               (10, 4, [0, 4, 8, 10]),
+                                                               (10, 100, [0, 10])])
 def test_each_checkpoint_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          max_steps: int, every: int, saved_at: list[int]) -> None:
     saves: list[int] = []
