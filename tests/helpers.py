@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -19,3 +20,16 @@ def compose_config(*overrides: str) -> DictConfig:
         overrides = ("name=test", *overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """N fixed random 3×size×size images, in the item format of pic.data.base."""
+
+    def __init__(self, n: int, size: int = 4) -> None:
+        self.images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"crops": [self.images[i]], "index": i, "label": 0, "replaced": 0}

@@ -22,16 +22,7 @@ from pic.losses import instance_classification_loss
 from pic.models.base import Method
 from pic.models.pic import PIC
 
-
-class TinyImages(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.images = torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(7))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"crops": [self.images[i]], "index": i, "label": 0, "replaced": 0}
+from .helpers import TinyImages
 
 
 class TinyBackbone(nn.Sequential):

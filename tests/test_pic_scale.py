@@ -26,6 +26,8 @@ from pic.networks.classifier import (
     uniform_rows,
 )
 
+from .helpers import TinyImages
+
 M, WD, TAU = 0.9, 1e-4, 0.2
 
 
@@ -197,19 +199,6 @@ def test_mmap_checkpoint_is_a_snapshot(tmp_path: Path) -> None:
         fresh.load_state_dict(state)
     fresh.load_state_dict(clf.state_dict())
     assert torch.equal(fresh.weight, clf.weight) and fresh.t == 12
-
-
-class TinyImages(torch.utils.data.Dataset):
-    """N fixed random 3×4×4 images; the item format of pic.data.base."""
-
-    def __init__(self, n: int) -> None:
-        self.images = torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(7))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"crops": [self.images[i]], "index": i, "label": 0, "replaced": 0}
 
 
 class TinyBackbone(nn.Sequential):

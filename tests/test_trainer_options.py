@@ -23,20 +23,9 @@ from pic.engine.trainer import Trainer
 from pic.logging.loggers import NoLogger
 from pic.models.pic import PIC
 
-from .helpers import ROOT, compose_config
+from .helpers import ROOT, TinyImages, compose_config
 
 N = 32
-
-
-class TinyImages(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.images = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(7))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"crops": [self.images[i]], "index": i, "label": 0, "replaced": 0}
 
 
 class ConvBackbone(nn.Module):
@@ -73,7 +62,7 @@ def fit(model: nn.Module, out_dir: Path, max_steps: int, logger=None, **trainer_
     kw = dict(epochs=10, batch_size=8, max_steps=max_steps, num_workers=0, device="cpu",
               progress=False) | trainer_kw
     trainer = Trainer(**kw)
-    return trainer.fit(model, TinyImages(N), EpochSampler(N, seed=0), sgd(model, 8, lr=0.5),
+    return trainer.fit(model, TinyImages(N, size=8), EpochSampler(N, seed=0), sgd(model, 8, lr=0.5),
                        Cosine(), out_dir, logger or NoLogger(), seed=0)
 
 
