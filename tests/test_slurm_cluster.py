@@ -7,7 +7,6 @@ Every wait is bounded so that a broken cluster fails fast instead of hanging the
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
+
+from tests.slurm.cluster import accounting_states
 
 pytestmark = pytest.mark.slurm
 
@@ -53,26 +54,6 @@ def wait_for_file(path: Path, job: submitit.Job, timeout_s: float) -> None:
             job.cancel(check=False)
             pytest.fail(f"job {job.job_id} did not create {path} within {timeout_s} s")
         time.sleep(0.2)
-
-
-def accounting_states(job_id: str, timeout_s: float = 30) -> list[str]:
-    """States of every run of the job from sacct (`--duplicates`: one row per requeue), oldest
-    first, once the last one is final (accounting lags slurmctld by a moment)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run(
-            ["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        states = out.split()
-        if states and states[-1] in {"COMPLETED", "FAILED", "CANCELLED"}:
-            return states
-        if time.monotonic() > deadline:
-            pytest.fail(f"sacct shows no final state for job {job_id}: {states}")
-        time.sleep(0.5)
 
 
 def task_identity() -> dict[str, int | str]:

@@ -17,6 +17,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tests.slurm.cluster import accounting_states
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,20 +58,6 @@ def wait_for(predicate, record: dict, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             cancel_and_fail(record["job_id"], record, f"no {what} after {timeout_s} s")
         time.sleep(0.3)
-
-
-def accounting_states(job_id: str, timeout_s: float = 30) -> list[str]:
-    """sacct states of every run of the job (one row per requeue), once the last is final."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-        states = out.split()
-        if states and states[-1] in {"COMPLETED", "FAILED", "CANCELLED"}:
-            return states
-        if time.monotonic() > deadline:
-            pytest.fail(f"sacct shows no final state for job {job_id}: {states}")
-        time.sleep(0.5)
 
 
 def read_step(path: Path) -> int:

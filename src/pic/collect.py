@@ -35,6 +35,17 @@ def _overrides(run_dir: Path) -> dict[str, str]:
     return out
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else is an error naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def collect(root: Path, metrics: list[str] | None = None) -> tuple[list[str], list[Row]]:
     """(columns, rows) for every ``results.json`` under ``root``, rows sorted by directory.
 
@@ -49,12 +60,7 @@ def collect(root: Path, metrics: list[str] | None = None) -> tuple[list[str], li
         raise FileNotFoundError(f"no results.json under {root}")
     runs = []
     for path in paths:
-        try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from err
-        if not isinstance(results, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(results).__name__}")
+        results = read_json(path)
         runs.append((path.parent, _overrides(path.parent), results))
 
     keys = sorted({k for _, overrides, _ in runs for k in overrides})

@@ -15,7 +15,6 @@ Loss curves come from each run's ``current.pth`` (memory-mapped: only the histor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from .collect import to_markdown, write_csv
+from .collect import read_json, to_markdown, write_csv
 
 # The seed's table (ImageNet-1k, ResNet-50, linear evaluation top-1 / top-5), keyed by the
 # experiment that reproduces each row.
@@ -50,16 +49,6 @@ class Run:
     linear_loss: list[tuple[float, float]] = field(default_factory=list)  # (epoch, loss)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def loss_history(run_dir: Path) -> list[tuple[float, float]]:
     """(epoch, loss) at the log points of ``run_dir/current.pth``; empty without a checkpoint."""
     path = run_dir / "current.pth"
@@ -72,7 +61,7 @@ def loss_history(run_dir: Path) -> list[tuple[float, float]]:
     if not history:
         return []
     results = run_dir / "results.json"
-    summary = _read_json(results) if results.is_file() else {}
+    summary = read_json(results) if results.is_file() else {}
     steps, epochs = summary.get("steps"), summary.get("epochs")
     per_step = epochs / steps if steps and epochs else 1.0  # no summary yet: plot against steps
     return [(step * per_step, loss) for step, loss in history]
@@ -107,7 +96,7 @@ def find_runs(root: Path) -> list[Run]:
             continue  # the linear evaluation of its parent's pretraining
         name, method, linear_only = _describe(run_dir)
         own, linear = loss_history(run_dir), loss_history(run_dir / "linear")
-        runs.append(Run(run_dir, _read_json(path), name, method, [] if linear_only else own,
+        runs.append(Run(run_dir, read_json(path), name, method, [] if linear_only else own,
                         own if linear_only else linear))
     if not runs:
         raise FileNotFoundError(f"no results.json under {root}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,3 +87,23 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             yield cluster
     finally:
         _run_script("stop.sh", str(STATE_DIR), timeout_s=120)
+
+
+def accounting_states(job_id: str, timeout_s: float = 30) -> list[str]:
+    """States of every run of the job from sacct (`--duplicates`: one row per requeue), oldest
+    first, once the last one is final (accounting lags slurmctld by a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        states = out.split()
+        if states and states[-1] in {"COMPLETED", "FAILED", "CANCELLED"}:
+            return states
+        if time.monotonic() > deadline:
+            pytest.fail(f"sacct shows no final state for job {job_id}: {states}")
+        time.sleep(0.5)
