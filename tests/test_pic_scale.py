@@ -20,6 +20,7 @@ from pic.engine.trainer import Trainer
 from pic.logging.loggers import NoLogger
 from pic.losses import instance_classification_loss
 from pic.models.pic import PIC
+import pic.networks.classifier as module
 from pic.networks.classifier import (
     InstanceClassifier,
     SampledInstanceClassifier,
@@ -98,11 +99,12 @@ def reference_run(clf: SampledInstanceClassifier, steps: int, b: int,
             w64[r] = w64[r] - eta * b64[r]
         clf.after_step(eta)
         if check_every_step:
-            w, mom = clf._current(torch.arange(n))
+            current = clf._current(torch.arange(n))
+            w, mom = current[:, :clf.dim], current[:, clf.dim:2 * clf.dim]
             torch.testing.assert_close(w.double(), w64, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(mom.double(), b64, rtol=1e-5, atol=1e-6)
     clf.sync_state()
-    assert bool((clf.last == clf.t).all())
+    assert bool((clf.last == clf.t % module.CLOCK).all())
     torch.testing.assert_close(clf.weight.double(), w64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(clf.momentum_buffer.double(), b64, rtol=1e-5, atol=1e-6)
 
@@ -114,12 +116,12 @@ def test_unsampled_rows_equal_zero_gradient_dense_sgd(tmp_path: Path, sampling: 
     reference_run(clf, steps=40, b=4, check_every_step=True)
 
 
-def test_correction_over_gaps_longer_than_the_history(tmp_path: Path,
+def test_correction_over_long_gaps_and_wrapping_update_counts(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # A short history makes the sweep carry rows across many windows of it.
-    import pic.networks.classifier as module
-
+    # A short history makes the sweep carry rows across many windows of it; a short clock
+    # makes the stored update counts wrap around several times.
     monkeypatch.setattr(module, "MAX_GAP", 4)
+    monkeypatch.setattr(module, "CLOCK", 8)
     torch.manual_seed(1)
     clf = sampled(tmp_path, 30, num_negatives=3, sampling="uniform", storage="mmap")
     assert clf.sweep_rows == 8 and clf.q.shape == (4, 4)
@@ -189,8 +191,7 @@ def test_mmap_checkpoint_is_a_snapshot(tmp_path: Path) -> None:
             clf.sync_state()
     snapshots = sorted(p.name for p in (tmp_path / "store").glob("pic_classifier.step*"))
     # The last two snapshots are kept (the newer one's checkpoint may not be written yet).
-    assert snapshots == [f"pic_classifier.step{t:012d}.{k}" for t in (9, 12)
-                         for k in ("momentum", "weight")]
+    assert snapshots == [f"pic_classifier.step{t:012d}.table" for t in (9, 12)]
     assert not torch.equal(clf.weight, saved_w)
     # Resuming from the checkpoint of step 5 needs its snapshot: it was pruned.
     torch.manual_seed(0)
