@@ -8,7 +8,9 @@ which is what one loader worker does. Transform: RandomResizedCrop(size) + flip 
 normalised tensor (the linear-evaluation pipeline; the heavier colour augmentations add the
 same cost to every row). Baseline: stock torchvision v1 transforms on PIL images, the seed's
 pipeline. Prints a Markdown table. pillow-simd rows appear when it is installed in place of
-Pillow (`make install-simd`; the backend column says which PIL ran).
+Pillow (`make install-simd`; the backend column says which PIL ran). With the torchvision
+decoder our transforms decode only the crop's rectangle of a JPEG (crop decoding, when `make
+install` has built it); the "whole-image decode" row shows the same pipeline without it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def main() -> None:
 
     ours = linear(args.size, IMAGENET_MEAN, IMAGENET_STD)
 
+    def ours_whole(image) -> list[torch.Tensor]:  # no accepts_jpeg_file: decoded whole first
+        return ours(image)
+
     with tempfile.TemporaryDirectory() as tmp:
         folder, zipped = Path(tmp) / "folder", Path(tmp) / "zip"
         kib = make_jpegs(folder, args.images)
@@ -89,6 +94,7 @@ def main() -> None:
             ("folder", "pil", "ours (v2)", ours, "no"),
             ("zip", "pil", "ours (v2)", ours, "no"),
             ("folder, cache full", "pil", "ours (v2)", ours, "full"),
+            ("folder", "torchvision", "ours (v2), whole-image decode", ours_whole, "no"),
             ("folder", "torchvision", "ours (v2)", ours, "no"),
             ("zip", "torchvision", "ours (v2)", ours, "no"),
             ("folder, cache full", "torchvision", "ours (v2)", ours, "full"),

@@ -15,12 +15,12 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+import pic.networks.classifier as module
 from pic.engine.schedules import Cosine
 from pic.engine.trainer import Trainer
 from pic.logging.loggers import NoLogger
 from pic.losses import instance_classification_loss
 from pic.models.pic import PIC
-import pic.networks.classifier as module
 from pic.networks.classifier import (
     InstanceClassifier,
     SampledInstanceClassifier,

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from PIL import Image
+
+from .decode import UnreadableImage
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,8 @@ Transform = Callable[[Image.Image], list[torch.Tensor]]
 class InstanceDataset(torch.utils.data.Dataset, ABC):
     """Base of every dataset: subclasses implement :meth:`load` and :meth:`label`.
 
-    A bad image (any exception from :meth:`load`) is reported with :meth:`describe` and, unless
+    A bad image (any exception from :meth:`load`, or :class:`~.decode.UnreadableImage` from a
+    transform that decodes lazily) is reported with :meth:`describe` and, unless
     ``strict``, replaced by the next readable image; the item then carries that image's index so
     that instance labels stay consistent.
     """
@@ -54,19 +57,30 @@ class InstanceDataset(torch.utils.data.Dataset, ABC):
         """Where image ``index`` comes from (a path), for error messages."""
         return f"{type(self).__name__}[{index}]"
 
-    def _candidates(self, index: int) -> list[int]:
-        pool = self.rank_indices if self.rank_indices is not None else None
+    def _candidates(self, index: int) -> Iterator[int]:
+        """index, then the replacements to try in order; lazy: an item rarely needs one."""
+        yield index
+        pool = self.rank_indices
         if pool is None:
-            return [(index + k) % len(self) for k in range(1, self.max_consecutive_bad + 1)]
+            for k in range(1, self.max_consecutive_bad + 1):
+                yield (index + k) % len(self)
+            return
         start = pool.index(index) if index in pool else 0
-        return [pool[(start + k) % len(pool)] for k in range(1, self.max_consecutive_bad + 1)]
+        for k in range(1, self.max_consecutive_bad + 1):
+            yield pool[(start + k) % len(pool)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         replaced = 0
-        for candidate in [index, *self._candidates(index)]:
+        for candidate in self._candidates(index):
+            image = None
             try:
                 image = self.load(candidate)
-            except Exception as err:  # any decoder error means the same: this file is bad
+                crops = self.transform(image)
+            except Exception as err:
+                # Any error from the decoder means the same: this file is bad. From the
+                # transform, only a lazily decoded image found corrupt does.
+                if image is not None and not isinstance(err, UnreadableImage):
+                    raise
                 if self.strict:
                     raise RuntimeError(
                         f"unreadable image {self.describe(candidate)}: {err} "
@@ -75,7 +89,7 @@ class InstanceDataset(torch.utils.data.Dataset, ABC):
                 log.warning("skipping unreadable image %s: %s", self.describe(candidate), err)
                 replaced += 1
                 continue
-            return {"crops": self.transform(image), "index": candidate,
+            return {"crops": crops, "index": candidate,
                     "label": self.label(candidate), "replaced": replaced}
         raise RuntimeError(f"{replaced} consecutive unreadable images from "
                            f"{self.describe(index)} on: the dataset is broken")

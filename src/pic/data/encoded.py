@@ -109,8 +109,10 @@ class EncodedImageDataset(InstanceDataset):
             return self._buffer[start : start + self._lengths[index]].tobytes()
         return self.read(index)
 
-    def load(self, index: int):  # PIL.Image.Image, or a uint8 (3, H, W) tensor
-        return decode(self.encoded(index), self.decoder)
+    def load(self, index: int):  # PIL.Image.Image, a uint8 (3, H, W) tensor, or a JPEGFile
+        # A JPEGFile only for our own transforms, which decode the crops' rectangle themselves.
+        lazy = getattr(self.transform, "accepts_jpeg_file", False)
+        return decode(self.encoded(index), self.decoder, lazy=lazy)
 
     def label(self, index: int) -> int:
         return int(self.labels[index])

@@ -1,12 +1,18 @@
 """Augmentations: each option builds a callable `image -> list[Tensor]` (the views of one image).
 
-The pipelines are torchvision v2 transforms, so one pipeline accepts a PIL image (the default
+The pipelines are torchvision v2 transforms, so one pipeline accepts a PIL image (the `pil`
 decoder) or a uint8 tensor of shape (3, H, W) (the `torchvision` decoder) and returns float
 tensors of shape (3, size, size), normalised with the dataset's mean/std.
+
+A training pipeline starts with a random resized crop, which :class:`MultiView` and
+:class:`MultiCrop` apply themselves (:class:`RandomResizedCrop`): the crops of all views are
+drawn from the image's size first, so that a lazily decoded JPEG (:class:`~.decode.JPEGFile`)
+is decoded only in the rectangle covering them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +20,10 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
+from .decode import JPEGFile
+
 ImageLike = Image.Image | torch.Tensor
+Box = tuple[int, int, int, int]  # top, left, height, width
 
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
@@ -62,22 +71,97 @@ def _check_views(num_views: int) -> None:
         raise ValueError(f"augmentation: num_views must be >= 1, got {num_views}")
 
 
+class RandomResizedCrop:
+    """torchvision's RandomResizedCrop in two halves: :meth:`box` draws the rectangle from the
+    image size alone (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``, ten
+    tries, then the largest centred crop of clamped ratio), :meth:`apply` crops and resizes
+    (bilinear, antialiased)."""
+
+    def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+
+    def box(self, height: int, width: int) -> Box:
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * float(torch.empty(1).uniform_(*self.scale))
+            aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio)))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,)))
+                left = int(torch.randint(0, width - w + 1, (1,)))
+                return top, left, h, w
+        aspect = width / height
+        if aspect < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif aspect > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def apply(self, image: ImageLike, box: Box) -> ImageLike:
+        out = v2.functional.resized_crop(image, *box, [self.size, self.size], antialias=True)
+        # A crop-decoded tensor is (H, W, 3) in memory, which resizes ~2x faster; the small
+        # result is made contiguous, where the tensor kernels that follow are fastest.
+        return out.contiguous() if isinstance(out, torch.Tensor) else out
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+def image_size(image: ImageLike | JPEGFile) -> tuple[int, int]:
+    """(height, width) of a PIL image, a (..., H, W) tensor or a JPEGFile."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, JPEGFile):
+        return image.height, image.width
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def random_crops(image: ImageLike | JPEGFile, crops: Sequence[RandomResizedCrop]
+                 ) -> list[ImageLike]:
+    """One crop of the image per entry of ``crops``. A JPEGFile is decoded only in the
+    rectangle that covers all of them."""
+    boxes = [crop.box(*image_size(image)) for crop in crops]
+    if isinstance(image, JPEGFile):
+        top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        bottom = max(b[0] + b[2] for b in boxes)
+        right = max(b[1] + b[3] for b in boxes)
+        image = image.region(top, left, bottom - top, right - left)
+        boxes = [(t - top, lf - left, h, w) for t, lf, h, w in boxes]
+    return [crop.apply(image, box) for crop, box in zip(crops, boxes, strict=True)]
+
+
+def decoded(image: ImageLike | JPEGFile) -> ImageLike:
+    return image.decode() if isinstance(image, JPEGFile) else image
+
+
 class MultiView:
-    """Applies one random pipeline `num_views` times independently to the same image.
+    """Applies one random pipeline `num_views` times independently to the same image: a random
+    resized crop (``crop``; none for the deterministic evaluation transform), then
+    ``pipeline``. Returns a list of `num_views` tensors, each (3, size, size)."""
 
-    Returns a list of `num_views` tensors, each (3, size, size).
-    """
+    #: The dataset may hand over a JPEGFile instead of decoded pixels (see decode.py).
+    accepts_jpeg_file = True
 
-    def __init__(self, pipeline: Callable[[ImageLike], torch.Tensor], num_views: int) -> None:
+    def __init__(self, pipeline: Callable[[ImageLike], torch.Tensor], num_views: int,
+                 crop: RandomResizedCrop | None = None) -> None:
         _check_views(num_views)
         self.pipeline = pipeline
         self.num_views = num_views
+        self.crop = crop
 
-    def __call__(self, image: ImageLike) -> list[torch.Tensor]:
-        return [self.pipeline(image) for _ in range(self.num_views)]
+    def __call__(self, image: ImageLike | JPEGFile) -> list[torch.Tensor]:
+        if self.crop is None:
+            image = decoded(image)
+            return [self.pipeline(image) for _ in range(self.num_views)]
+        return [self.pipeline(view) for view in random_crops(image, [self.crop] * self.num_views)]
 
     def __repr__(self) -> str:
-        return f"MultiView(num_views={self.num_views}, pipeline={self.pipeline})"
+        return f"MultiView(num_views={self.num_views}, crop={self.crop}, pipeline={self.pipeline})"
 
 
 def simclr(size: int, mean: list[float], std: list[float], num_views: int = 2) -> MultiView:
@@ -85,13 +169,12 @@ def simclr(size: int, mean: list[float], std: list[float], num_views: int = 2) -
     grayscale p=0.2, Gaussian blur p=0.5."""
     pipeline = v2.Compose(
         [
-            v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             *simclr_colour(size),
             *_to_normalised_tensor(mean, std),
         ]
     )
-    return MultiView(pipeline, num_views)
+    return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.08, 1.0)))
 
 
 def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2) -> MultiView:
@@ -99,7 +182,6 @@ def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2) -
     grayscale p=0.2, Gaussian blur p=0.5."""
     pipeline = v2.Compose(
         [
-            v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
@@ -107,7 +189,7 @@ def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2) -
             *_to_normalised_tensor(mean, std),
         ]
     )
-    return MultiView(pipeline, num_views)
+    return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.2, 1.0)))
 
 
 def instdisc(size: int, mean: list[float], std: list[float], num_views: int = 1) -> MultiView:
@@ -115,26 +197,19 @@ def instdisc(size: int, mean: list[float], std: list[float], num_views: int = 1)
     colour jitter (0.4, 0.4, 0.4, 0.4) always, grayscale p=0.2."""
     pipeline = v2.Compose(
         [
-            v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(0.4, 0.4, 0.4, 0.4),
             v2.RandomGrayscale(p=0.2),
             *_to_normalised_tensor(mean, std),
         ]
     )
-    return MultiView(pipeline, num_views)
+    return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.2, 1.0)))
 
 
 def linear(size: int, mean: list[float], std: list[float], num_views: int = 1) -> MultiView:
     """Linear-evaluation training: RandomResizedCrop(size, 0.08-1) + flip."""
-    pipeline = v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            *_to_normalised_tensor(mean, std),
-        ]
-    )
-    return MultiView(pipeline, num_views)
+    pipeline = v2.Compose([v2.RandomHorizontalFlip(), *_to_normalised_tensor(mean, std)])
+    return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.08, 1.0)))
 
 
 def eval_transform(size: int, mean: list[float], std: list[float]) -> MultiView:
@@ -200,10 +275,11 @@ class MultiCrop:
         parsed = [_crop_group(i, g) for i, g in enumerate(groups)]
         # Stable sort: groups of equal size keep their order, largest resolution first.
         self.groups = sorted(parsed, key=lambda g: -g.size)
-        self.pipelines = [
+        self.crops = [RandomResizedCrop(g.size, g.scale) for g in self.groups
+                      for _ in range(g.count)]
+        pipelines = [
             v2.Compose(
                 [
-                    v2.RandomResizedCrop(g.size, scale=tuple(g.scale), antialias=True),
                     v2.RandomHorizontalFlip(),
                     *simclr_colour(g.size),
                     *_to_normalised_tensor(mean, std),
@@ -211,10 +287,14 @@ class MultiCrop:
             )
             for g in self.groups
         ]
+        self.pipelines = [p for g, p in zip(self.groups, pipelines, strict=True)
+                          for _ in range(g.count)]  # one per crop
 
-    def __call__(self, image: ImageLike) -> list[torch.Tensor]:
-        pairs = zip(self.groups, self.pipelines, strict=True)
-        return [p(image) for g, p in pairs for _ in range(g.count)]
+    accepts_jpeg_file = True  # as MultiView
+
+    def __call__(self, image: ImageLike | JPEGFile) -> list[torch.Tensor]:
+        views = random_crops(image, self.crops)
+        return [p(view) for p, view in zip(self.pipelines, views, strict=True)]
 
     def __repr__(self) -> str:
         return f"MultiCrop(groups={self.groups})"
