@@ -299,3 +299,20 @@ def test_ddp_ranks_share_rows_and_match_one_process(tmp_path: Path) -> None:
 def test_bad_settings_name_the_key(tmp_path: Path, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         sampled(tmp_path, 10, **kw)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["optimizer=lars"], "got optimizer pic.engine.lars.lars"),
+    (["optimizer.nesterov=true"], "with nesterov"),
+])
+def test_sampled_classifier_refuses_an_optimizer_it_does_not_implement(overrides, match) -> None:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from .helpers import compose_config
+
+    cfg = compose_config("model.num_negatives=16", *overrides)
+    with pytest.raises(InstantiationException, match=match):  # wraps the model's ValueError
+        instantiate(cfg.model, backbone=TinyBackbone(), num_instances=64)
+    cfg = compose_config("model.num_negatives=16")  # the default optimizer: accepted
+    assert instantiate(cfg.model, backbone=TinyBackbone(), num_instances=64).classifier

@@ -20,10 +20,15 @@ from ..networks.classifier import InstanceClassifier, SampledInstanceClassifier
 from .base import Method
 
 
+SGD_TARGET = "pic.engine.optim.sgd"
+
+
 class PIC(Method):
     """PIC. ``classifier_momentum`` / ``classifier_weight_decay`` are the SGD m and λ the
-    sampled classifier applies to its own rows; conf/model/pic.yaml takes them from the
-    optimizer config. ``storage_dir`` is where ``classifier_storage=mmap`` keeps its files
+    sampled classifier applies to its own rows; conf/model/pic.yaml takes them, and
+    ``classifier_optimizer`` / ``classifier_nesterov`` (the optimizer's ``_target_`` and
+    Nesterov flag, checked: the sampled classifier implements plain momentum SGD only), from
+    the optimizer config. ``storage_dir`` is where ``classifier_storage=mmap`` keeps its files
     (the run directory)."""
 
     def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
@@ -31,13 +36,22 @@ class PIC(Method):
                  classifier_init_norm: float | None = None, num_negatives: int | None = None,
                  negative_sampling: str = "recent", weight_correction: bool = True,
                  classifier_storage: str = "device", classifier_momentum: float = 0.9,
-                 classifier_weight_decay: float = 1e-4, storage_dir: str | None = None) -> None:
+                 classifier_weight_decay: float = 1e-4, storage_dir: str | None = None,
+                 classifier_optimizer: str = SGD_TARGET, classifier_nesterov: bool = False
+                 ) -> None:
         super().__init__(backbone, feature_dim, mlp_head)
         self.temperature = temperature
         self.classifier: InstanceClassifier | SampledInstanceClassifier
         if num_negatives is None and classifier_storage == "device":
             self.classifier = InstanceClassifier(num_instances, feature_dim, classifier_init_norm)
         else:
+            if classifier_optimizer != SGD_TARGET or classifier_nesterov:
+                raise ValueError(
+                    "model.num_negatives / model.classifier_storage=host|mmap: the sampled "
+                    "classifier updates its rows with plain momentum SGD itself, so the rest "
+                    f"of the model must use it too; got optimizer {classifier_optimizer}"
+                    f"{' with nesterov' if classifier_nesterov else ''} (use optimizer=sgd "
+                    "optimizer.nesterov=false)")
             self.classifier = SampledInstanceClassifier(
                 num_instances, feature_dim, classifier_init_norm, num_negatives,
                 negative_sampling, weight_correction, classifier_momentum,
