@@ -1,16 +1,17 @@
 """Images/s of one data-loader worker (one core): storage x image backend.
 
-    python bench/dataload.py [--images 300] [--size 224]
+    python bench/dataload.py [--images 300] [--size 224] [--transform linear|simclr]
 
 Generates ImageNet-like JPEGs (500x375, ~quality 90) in a temp dir, builds the folder and zip
 layouts from them, and times `dataset[i]` over all images in one process with one thread,
-which is what one loader worker does. Transform: RandomResizedCrop(size) + flip + float
-normalised tensor (the linear-evaluation pipeline; the heavier colour augmentations add the
-same cost to every row). Baseline: stock torchvision v1 transforms on PIL images, the seed's
-pipeline. Prints a Markdown table. pillow-simd rows appear when it is installed in place of
-Pillow (`make install-simd`; the backend column says which PIL ran). With the torchvision
-decoder our transforms decode only the crop's rectangle of a JPEG (crop decoding, when `make
-install` has built it); the "whole-image decode" row shows the same pipeline without it.
+which is what one loader worker does. Transform: `linear` is RandomResizedCrop(size) + flip +
+float normalised tensor; `simclr` is the default pretraining augmentation, two views each with
+colour jitter, grayscale and blur. Baseline: the same pipeline in stock torchvision v1
+transforms on PIL images, as the seed wrote it. Prints a Markdown table. pillow-simd rows
+appear when it is installed in place of Pillow (`make install-simd`; the backend column says
+which PIL ran). With the torchvision decoder our transforms decode only the rectangle of a
+JPEG that covers their crops (crop decoding, when `make install` has built it); the
+"whole-image decode" row shows the same pipeline without it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pic.data.decode import describe_decoder
 from pic.data.encoded import IMAGENET_MEAN, IMAGENET_STD
 from pic.data.folder import FolderData
 from pic.data.make_zip import make_zip
-from pic.data.transforms import linear
+from pic.data.transforms import GaussianBlur, linear, simclr
 from pic.data.zipdata import ZipData
 
 
@@ -65,22 +66,31 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="JPEGs to generate and time")
     parser.add_argument("--size", type=int, default=224, help="crop size")
     parser.add_argument("--rounds", type=int, default=5, help="passes per configuration")
+    parser.add_argument("--transform", choices=["linear", "simclr"], default="linear")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker = one core
 
+    colour = [  # SimCLR's colour pipeline as the seed wrote it: v1 transforms, PIL blur
+        v1.RandomApply([v1.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        v1.RandomGrayscale(p=0.2),
+        v1.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+    ] if args.transform == "simclr" else []
     baseline = v1.Compose(
         [
             v1.RandomResizedCrop(args.size),
             v1.RandomHorizontalFlip(),
+            *colour,
             v1.ToTensor(),
             v1.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+    views = 2 if args.transform == "simclr" else 1
 
     def baseline_views(image: Image.Image) -> list[torch.Tensor]:
-        return [baseline(image)]
+        return [baseline(image) for _ in range(views)]
 
-    ours = linear(args.size, IMAGENET_MEAN, IMAGENET_STD)
+    build = simclr if args.transform == "simclr" else linear
+    ours = build(args.size, IMAGENET_MEAN, IMAGENET_STD, num_views=views)
 
     def ours_whole(image) -> list[torch.Tensor]:  # no accepts_jpeg_file: decoded whole first
         return ours(image)
@@ -120,7 +130,8 @@ def main() -> None:
         ]
 
     print(
-        f"\n{args.images} generated JPEGs, 500x375, mean {kib:.0f} KiB; crop {args.size}; "
+        f"\n{args.images} generated JPEGs, 500x375, mean {kib:.0f} KiB; {args.transform} "
+        f"transform, {views} view(s) of {args.size} px; "
         f"one process, one thread, best of {args.rounds} interleaved passes; "
         f"{describe_decoder('torchvision')}\n"
     )
