@@ -1,6 +1,7 @@
 """Images/s of one data-loader worker (one core): storage x image backend.
 
     python bench/dataload.py [--images 300] [--size 224] [--transform linear|simclr]
+    python bench/dataload.py --ops [--size 224]     # each augmentation op alone
 
 Generates ImageNet-like JPEGs (500x375, ~quality 90) in a temp dir, builds the folder and zip
 layouts from them, and times `dataset[i]` over all images in one process with one thread,
@@ -61,14 +62,52 @@ def seconds_per_pass(dataset) -> float:
     return time.perf_counter() - start
 
 
+def time_ops(size: int, repeats: int = 200) -> None:
+    """Print the cost of each augmentation op on one size x size image: uint8 tensor vs PIL."""
+    from torchvision.transforms.v2 import functional as F
+
+    pixels = torch.randint(0, 256, (3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    image = F.to_pil_image(pixels)
+    ops = {
+        "brightness": lambda x: F.adjust_brightness(x, 1.3),
+        "contrast": lambda x: F.adjust_contrast(x, 1.3),
+        "saturation": lambda x: F.adjust_saturation(x, 1.3),
+        "hue": lambda x: F.adjust_hue(x, 0.1),
+        "grayscale": lambda x: F.rgb_to_grayscale(x, 3),
+        "gaussian blur (sigma 1)": GaussianBlur((1.0, 1.0)),
+        "flip": F.horizontal_flip,
+    }
+
+    def best_ms(op, x) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                op(x)
+            best = min(best, (time.perf_counter() - start) / repeats)
+        return 1000 * best
+
+    print(f"\nOne {size}x{size} image, one thread, best of 3 x {repeats} calls\n")
+    print("| op | uint8 tensor ms | PIL ms |")
+    print("|---|---:|---:|")
+    for name, op in ops.items():
+        print(f"| {name} | {best_ms(op, pixels):.3f} | {best_ms(op, image):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300, help="JPEGs to generate and time")
     parser.add_argument("--size", type=int, default=224, help="crop size")
     parser.add_argument("--rounds", type=int, default=5, help="passes per configuration")
     parser.add_argument("--transform", choices=["linear", "simclr"], default="linear")
+    parser.add_argument("--ops", action="store_true",
+                        help="instead: the cost of each augmentation op, tensor vs PIL")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker = one core
+    if args.ops:
+        time_ops(args.size)
+        return
 
     colour = [  # SimCLR's colour pipeline as the seed wrote it: v1 transforms, PIL blur
         v1.RandomApply([v1.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),

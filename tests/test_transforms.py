@@ -136,6 +136,6 @@ def test_blur_sigma_is_drawn_from_its_range_and_blurs_pil_and_tensor():
     blur = T.GaussianBlur((1.0, 1.0))
     out = np.asarray(blur(image), dtype=np.float64)
     assert out.std() < np.asarray(image, dtype=np.float64).std()  # smoothing lowers variance
-    from_tensor = blur(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
+    from_tensor = blur(torch.from_numpy(np.array(image)).permute(2, 0, 1))
     assert from_tensor.dtype == torch.uint8
     np.testing.assert_array_equal(from_tensor.permute(1, 2, 0).numpy(), out.astype(np.uint8))
