@@ -11,15 +11,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Crop decoding (src/pic/data/decode.py): a libjpeg wrapper loaded with ctypes. Without a C
-# compiler or libjpeg's headers (apt install libjpeg-dev) images are decoded whole instead.
-JPEG_CROP := src/pic/data/_jpeg_crop.so
+# The native library (src/pic/data/native.py: crop decoding, hue shift), loaded with ctypes.
+# Without a C compiler or libjpeg's headers (apt install libjpeg-dev) the pure-Python paths run.
+# -fno-trapping-math lets the compiler vectorise the hue loop; it changes no result.
+NATIVE := src/pic/data/_native.so
 
-$(JPEG_CROP): src/pic/data/jpeg_crop.c
-	$(CC) -O3 -shared -fPIC -Wall -o $@ $< -ljpeg || \
-	  echo "crop decoding off: could not build $@ (needs cc and libjpeg-dev)" >&2
+$(NATIVE): src/pic/data/jpeg_crop.c src/pic/data/colour.c
+	$(CC) -O3 -fno-trapping-math -shared -fPIC -Wall -o $@ $^ -ljpeg || \
+	  echo "native library off: could not build $@ (needs cc and libjpeg-dev)" >&2
 
-install: $(STAMP) $(JPEG_CROP)
+install: $(STAMP) $(NATIVE)
 
 # Replace Pillow by pillow-simd (SIMD resizing); torchvision's `pillow` requirement is then
 # unmet on purpose, so this must run after every reinstall of torchvision.
@@ -29,16 +30,16 @@ install-simd: $(STAMP)
 	  $(BIN)/pip install --quiet --no-deps pillow-simd
 	$(BIN)/python -c "import PIL; print('image backend: PIL', PIL.__version__)"
 
-train: $(STAMP) $(JPEG_CROP)
+train: $(STAMP) $(NATIVE)
 	$(BIN)/python launch.py $(ARGS)
 
-test: $(STAMP) $(JPEG_CROP)
+test: $(STAMP) $(NATIVE)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP) $(JPEG_CROP)
+bench: $(STAMP) $(NATIVE)
 	$(BIN)/python bench/train_step.py
 
 clean:

@@ -31,7 +31,7 @@ from pic.data.decode import describe_decoder
 from pic.data.encoded import IMAGENET_MEAN, IMAGENET_STD
 from pic.data.folder import FolderData
 from pic.data.make_zip import make_zip
-from pic.data.transforms import GaussianBlur, linear, simclr
+from pic.data.transforms import GaussianBlur, adjust_hue, linear, simclr
 from pic.data.zipdata import ZipData
 
 
@@ -73,7 +73,8 @@ def time_ops(size: int, repeats: int = 200) -> None:
         "brightness": lambda x: F.adjust_brightness(x, 1.3),
         "contrast": lambda x: F.adjust_contrast(x, 1.3),
         "saturation": lambda x: F.adjust_saturation(x, 1.3),
-        "hue": lambda x: F.adjust_hue(x, 0.1),
+        "hue (torchvision)": lambda x: F.adjust_hue(x, 0.1),
+        "hue (ours: colour.c on tensors)": lambda x: adjust_hue(x, 0.1),
         "grayscale": lambda x: F.rgb_to_grayscale(x, 3),
         "gaussian blur (sigma 1)": GaussianBlur((1.0, 1.0)),
         "flip": F.horizontal_flip,

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.io import decode_jpeg
 
 from pic.data import decode as D
+from pic.data import native
 from pic.data import transforms as T
 from pic.data.folder import FolderData
 
@@ -41,9 +42,9 @@ def full_decode(data: bytes) -> torch.Tensor:
                        mode=D.ImageReadMode.RGB)
 
 
-def test_the_crop_library_is_built() -> None:
-    assert D.crop_decoding(), f"{D.LIBRARY} is missing: `make install` builds it (needs cc and " \
-                              "libjpeg headers: apt install libjpeg-dev)"
+def test_the_native_library_is_built() -> None:
+    assert D.crop_decoding(), f"{native.PATH} is missing: `make install` builds it (needs cc " \
+                              "and libjpeg headers: apt install libjpeg-dev)"
 
 
 # 4:2:0, 4:2:2 and 4:4:4 chroma subsampling, and a grayscale JPEG (expanded to RGB).
@@ -86,7 +87,7 @@ def test_views_from_a_lazy_jpeg_equal_views_from_its_pixels(build) -> None:
 
 def test_without_the_library_images_are_decoded_whole(monkeypatch) -> None:
     data = jpeg(photo(20, 30))
-    monkeypatch.setattr(D, "_LIB", None)
+    monkeypatch.setattr(native, "LIB", None)
     assert not D.crop_decoding() and D.lazy_jpeg(data) is None
     decoded = D.decode(data, "torchvision", lazy=True)
     assert isinstance(decoded, torch.Tensor) and torch.equal(decoded, full_decode(data))

@@ -139,3 +139,56 @@ def test_blur_sigma_is_drawn_from_its_range_and_blurs_pil_and_tensor():
     from_tensor = blur(torch.from_numpy(np.array(image)).permute(2, 0, 1))
     assert from_tensor.dtype == torch.uint8
     np.testing.assert_array_equal(from_tensor.permute(1, 2, 0).numpy(), out.astype(np.uint8))
+
+
+# ---------------------------------------------------------------- colour jitter, hue shift
+def hsv_reference(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
+    """The hue rotation pixel by pixel with the standard library's HSV conversion, float64."""
+    import colorsys
+
+    out = torch.empty_like(image)
+    for y in range(image.shape[1]):
+        for x in range(image.shape[2]):
+            h, s, v = colorsys.rgb_to_hsv(*(image[:, y, x].double() / 255).tolist())
+            rgb = colorsys.hsv_to_rgb((h + hue_factor) % 1.0, s, v)
+            out[:, y, x] = torch.tensor([int(c * 255.999) for c in rgb], dtype=torch.uint8)
+    return out
+
+
+@pytest.mark.parametrize("hue_factor", [0.0, 0.1, -0.23, 0.37, 0.5, -0.5])
+def test_native_hue_shift_matches_hsv_rotation(hue_factor: float) -> None:
+    from pic.data import native
+
+    assert native.LIB is not None, "the native library is not built: `make install`"
+    image = as_tensor(random_image(24, 40, seed=5))
+    image[:, :4] = 77  # gray pixels, which have no hue
+    image[0, 4:8] = image[1, 4:8]  # ties for the largest channel
+    fast = T.adjust_hue(image, hue_factor).int()
+    for other in (hsv_reference(image, hue_factor), T.v2.functional.adjust_hue(image, hue_factor)):
+        diff = (fast - other.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # float rounding only
+
+
+def test_hue_shift_without_the_native_library_is_torchvision_s(monkeypatch) -> None:
+    from pic.data import native
+
+    monkeypatch.setattr(native, "LIB", None)
+    image = as_tensor(random_image())
+    assert torch.equal(T.adjust_hue(image, 0.3), T.v2.functional.adjust_hue(image, 0.3))
+
+
+@pytest.mark.parametrize("factors", [(0.8, 0.8, 0.8, 0.2), (0.4, 0.4, 0.4, 0.1), (0.4, 0, 0, 0)])
+def test_colour_jitter_draws_and_applies_as_torchvision(factors) -> None:
+    ours, theirs = T.ColorJitter(*factors), T.v2.ColorJitter(*factors)
+    for seed in range(8):
+        image = random_image(seed=seed)
+        torch.manual_seed(seed)
+        a = ours(image)
+        torch.manual_seed(seed)
+        b = theirs(image)
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # PIL: the very same kernels
+        torch.manual_seed(seed)
+        a = ours(as_tensor(image)).int()
+        torch.manual_seed(seed)
+        b = theirs(as_tensor(image)).int()
+        assert (a - b).abs().max() <= 1  # tensors: the native hue shift's rounding

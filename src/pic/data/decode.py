@@ -7,9 +7,9 @@ pillow-simd when installed in its place: `make install-simd`) returns an RGB PIL
 Crop decoding: a training pipeline that starts with a random crop needs only the crop's pixels.
 With the `torchvision` decoder and ``lazy=True`` a JPEG becomes a :class:`JPEGFile` (header
 read, nothing decoded) and the pipeline decodes just the rectangle covering its crops, through
-the small libjpeg wrapper ``jpeg_crop.c`` (built by ``make install`` into ``_jpeg_crop.so``).
-The pixels equal those of a full decode exactly; without the library every image is decoded
-whole. bench/dataload.py measures both.
+the small libjpeg wrapper ``jpeg_crop.c`` (part of the native library, see native.py). The
+pixels equal those of a full decode exactly; without the library every image is decoded whole.
+bench/dataload.py measures both.
 """
 
 from __future__ import annotations
@@ -17,41 +17,26 @@ from __future__ import annotations
 import ctypes
 import io
 import logging
-from pathlib import Path
 
 import PIL
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
+from . import native
+
 log = logging.getLogger(__name__)
 
 DECODERS = ("pil", "torchvision")
-LIBRARY = Path(__file__).with_name("_jpeg_crop.so")
 
 
 class UnreadableImage(RuntimeError):
     """A lazily decoded image turned out to be corrupt when its pixels were needed."""
 
 
-def _load_library() -> ctypes.CDLL | None:
-    if not LIBRARY.is_file():
-        return None
-    lib = ctypes.CDLL(str(LIBRARY))
-    lib.pic_jpeg_size.argtypes = [ctypes.c_char_p, ctypes.c_ulong,
-                                  ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
-                                  ctypes.c_char_p]
-    lib.pic_jpeg_crop.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p]
-    return lib
-
-
-_LIB = _load_library()
-
-
 def crop_decoding() -> bool:
     """Whether JPEG crops are decoded alone (the library is built)."""
-    return _LIB is not None
+    return native.LIB is not None
 
 
 class JPEGFile:
@@ -64,8 +49,8 @@ class JPEGFile:
         """uint8 (3, height, width): the rectangle's pixels, equal to a full decode's."""
         out = torch.empty(height, width, 3, dtype=torch.uint8)
         message = ctypes.create_string_buffer(200)
-        assert _LIB is not None
-        if _LIB.pic_jpeg_crop(self.data, len(self.data), left, top, width, height,
+        assert native.LIB is not None
+        if native.LIB.pic_jpeg_crop(self.data, len(self.data), left, top, width, height,
                               out.data_ptr(), message):
             # libjpeg refuses what it would only warn about (e.g. a truncated file, which
             # decode_image accepts), and CMYK: the full decoder decides.
@@ -86,11 +71,12 @@ def lazy_jpeg(data: bytes) -> JPEGFile | None:
     A file must also end with the end-of-image marker: decoding stops after a crop's last row,
     so a truncated file would otherwise pass whenever its crops miss the missing part.
     """
-    if _LIB is None or not data.startswith(b"\xff\xd8") or not data.endswith(b"\xff\xd9"):
+    if native.LIB is None or not data.startswith(b"\xff\xd8") or not data.endswith(b"\xff\xd9"):
         return None
     width, height = ctypes.c_int(), ctypes.c_int()
     message = ctypes.create_string_buffer(200)
-    if _LIB.pic_jpeg_size(data, len(data), ctypes.byref(width), ctypes.byref(height), message):
+    if native.LIB.pic_jpeg_size(data, len(data), ctypes.byref(width), ctypes.byref(height),
+                                message):
         return None  # the full decoder reports the error
     return JPEGFile(data, height.value, width.value)
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
+from . import native
 from .decode import JPEGFile
 
 ImageLike = Image.Image | torch.Tensor
@@ -57,10 +58,52 @@ class GaussianBlur:
         return f"GaussianBlur(sigma={self.sigma})"
 
 
+def adjust_hue(image: ImageLike, hue_factor: float) -> ImageLike:
+    """torchvision's adjust_hue; on a uint8 (3, H, W) tensor through the native library
+    (colour.c: ~10x faster, within 1 of torchvision's value at ~0.01% of the pixels)."""
+    if (native.LIB is None or not isinstance(image, torch.Tensor) or image.dtype != torch.uint8
+            or image.ndim != 3 or image.shape[0] != 3):
+        return v2.functional.adjust_hue(image, hue_factor)
+    image = image.contiguous()
+    out = torch.empty_like(image)
+    native.LIB.pic_adjust_hue(image.data_ptr(), out.data_ptr(), image[0].numel(), hue_factor)
+    return out
+
+
+class ColorJitter:
+    """torchvision's ColorJitter: brightness, contrast and saturation factors drawn uniformly
+    from [max(0, 1 - x), 1 + x], the hue shift from [-h, h], the four adjustments applied in a
+    random order (the same draws, in the same order, as torchvision), with the fast
+    :func:`adjust_hue`. A zero leaves its adjustment out."""
+
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
+                 hue: float = 0.0) -> None:
+        if not 0 <= hue <= 0.5 or min(brightness, contrast, saturation) < 0:
+            raise ValueError(f"ColorJitter: need brightness, contrast, saturation >= 0 and "
+                             f"0 <= hue <= 0.5; got {brightness}, {contrast}, {saturation}, {hue}")
+        self.factors = (brightness, contrast, saturation, hue)
+        self.ranges = [(max(0.0, 1 - x), 1 + x) if x else None
+                       for x in (brightness, contrast, saturation)] + [(-hue, hue) if hue else None]
+        self.ops = (v2.functional.adjust_brightness, v2.functional.adjust_contrast,
+                    v2.functional.adjust_saturation, adjust_hue)
+
+    def __call__(self, image: ImageLike) -> ImageLike:
+        order = torch.randperm(4).tolist()
+        values = [None if r is None else float(torch.empty(1).uniform_(*r)) for r in self.ranges]
+        for i in order:
+            if values[i] is not None:
+                image = self.ops[i](image, values[i])
+        return image
+
+    def __repr__(self) -> str:
+        return "ColorJitter(brightness={}, contrast={}, saturation={}, hue={})".format(
+            *self.factors)
+
+
 def simclr_colour(size: int, strength: float = 0.8, hue: float = 0.2) -> list[v2.Transform]:
     """SimCLR colour pipeline: jitter (p=0.8), grayscale (p=0.2), blur sigma 0.1-2 (p=0.5)."""
     return [
-        v2.RandomApply([v2.ColorJitter(strength, strength, strength, hue)], p=0.8),
+        v2.RandomApply([ColorJitter(strength, strength, strength, hue)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
     ]
@@ -183,7 +226,7 @@ def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2) -
     pipeline = v2.Compose(
         [
             v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
             *_to_normalised_tensor(mean, std),
@@ -198,7 +241,7 @@ def instdisc(size: int, mean: list[float], std: list[float], num_views: int = 1)
     pipeline = v2.Compose(
         [
             v2.RandomHorizontalFlip(),
-            v2.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            ColorJitter(0.4, 0.4, 0.4, 0.4),
             v2.RandomGrayscale(p=0.2),
             *_to_normalised_tensor(mean, std),
         ]

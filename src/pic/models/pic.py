@@ -19,7 +19,6 @@ from ..losses import instance_classification_loss
 from ..networks.classifier import InstanceClassifier, SampledInstanceClassifier
 from .base import Method
 
-
 SGD_TARGET = "pic.engine.optim.sgd"
 
 
