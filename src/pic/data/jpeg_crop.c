@@ -34,22 +34,33 @@ static void message(j_common_ptr info, int level) {
     if (level < 0) fail(info); /* a warning: corrupt data that libjpeg would paper over */
 }
 
+/* Errors and warnings of `info` go to fail(), which writes `msg` and jumps to err->jump. */
+static void on_errors(struct jpeg_decompress_struct *info, struct error_state *err, char *msg) {
+    info->err = jpeg_std_error(&err->mgr);
+    err->mgr.error_exit = fail;
+    err->mgr.emit_message = message;
+    err->msg = msg;
+}
+
+/* Called after setjmp: an error in here jumps back to the caller. */
+static void read_header(struct jpeg_decompress_struct *info, const unsigned char *data,
+                        unsigned long size) {
+    jpeg_create_decompress(info);
+    jpeg_mem_src(info, data, size);
+    jpeg_read_header(info, TRUE);
+}
+
 /* Width and height of the image in `data`; 0 on success. */
 int pic_jpeg_size(const unsigned char *data, unsigned long size, int *width, int *height,
                   char *msg) {
     struct jpeg_decompress_struct info;
     struct error_state err;
-    info.err = jpeg_std_error(&err.mgr);
-    err.mgr.error_exit = fail;
-    err.mgr.emit_message = message;
-    err.msg = msg;
+    on_errors(&info, &err, msg);
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&info);
         return -1;
     }
-    jpeg_create_decompress(&info);
-    jpeg_mem_src(&info, data, size);
-    jpeg_read_header(&info, TRUE);
+    read_header(&info, data, size);
     *width = (int)info.image_width;
     *height = (int)info.image_height;
     jpeg_destroy_decompress(&info);
@@ -63,18 +74,13 @@ int pic_jpeg_crop(const unsigned char *data, unsigned long size, int left, int t
     struct jpeg_decompress_struct info;
     struct error_state err;
     unsigned char *volatile line = NULL;
-    info.err = jpeg_std_error(&err.mgr);
-    err.mgr.error_exit = fail;
-    err.mgr.emit_message = message;
-    err.msg = msg;
+    on_errors(&info, &err, msg);
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&info);
         free(line);
         return -1;
     }
-    jpeg_create_decompress(&info);
-    jpeg_mem_src(&info, data, size);
-    jpeg_read_header(&info, TRUE);
+    read_header(&info, data, size);
     info.out_color_space = JCS_RGB; /* grayscale is expanded; CMYK fails (caller falls back) */
     jpeg_start_decompress(&info);
     if (left < 0 || top < 0 || width < 1 || height < 1 ||
