@@ -51,9 +51,9 @@ class JPEGFile:
         message = ctypes.create_string_buffer(200)
         assert native.LIB is not None
         if native.LIB.pic_jpeg_crop(self.data, len(self.data), left, top, width, height,
-                              out.data_ptr(), message):
-            # libjpeg refuses what it would only warn about (e.g. a truncated file, which
-            # decode_image accepts), and CMYK: the full decoder decides.
+                                    out.data_ptr(), message):
+            # jpeg_crop.c fails on what libjpeg only warns about (corrupt data, which the full
+            # decoder may accept) and on CMYK: the full decoder decides.
             return self.decode()[:, top:top + height, left:left + width]
         return out.permute(2, 0, 1)
 

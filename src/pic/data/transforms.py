@@ -157,9 +157,7 @@ class RandomResizedCrop:
 
 def image_size(image: ImageLike | JPEGFile) -> tuple[int, int]:
     """(height, width) of a PIL image, a (..., H, W) tensor or a JPEGFile."""
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    if isinstance(image, JPEGFile):
+    if isinstance(image, Image.Image | JPEGFile):
         return image.height, image.width
     return int(image.shape[-2]), int(image.shape[-1])
 
@@ -305,6 +303,8 @@ class MultiCrop:
     160-px crop (scale 0.14-1) and three 96-px crops (scale 0.08-0.14).
     """
 
+    accepts_jpeg_file = True  # as MultiView
+
     def __init__(
         self,
         mean: list[float],
@@ -332,8 +332,6 @@ class MultiCrop:
         ]
         self.pipelines = [p for g, p in zip(self.groups, pipelines, strict=True)
                           for _ in range(g.count)]  # one per crop
-
-    accepts_jpeg_file = True  # as MultiView
 
     def __call__(self, image: ImageLike | JPEGFile) -> list[torch.Tensor]:
         views = random_crops(image, self.crops)
