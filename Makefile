@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 NATIVE := src/pic/data/_native.so
 
 $(NATIVE): src/pic/data/jpeg_crop.c src/pic/data/colour.c
-	$(CC) -O3 -fno-trapping-math -shared -fPIC -Wall -o $@ $^ -ljpeg || \
+	$(CC) -O3 -fno-trapping-math -shared -fPIC -Wall -o $@ $^ -ljpeg -lm || \
 	  echo "native library off: could not build $@ (needs cc and libjpeg-dev)" >&2
 
 install: $(STAMP) $(NATIVE)

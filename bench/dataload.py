@@ -76,7 +76,7 @@ def time_ops(size: int, repeats: int = 200) -> None:
         "hue (torchvision)": lambda x: F.adjust_hue(x, 0.1),
         "hue (ours: colour.c on tensors)": lambda x: adjust_hue(x, 0.1),
         "grayscale": lambda x: F.rgb_to_grayscale(x, 3),
-        "gaussian blur (sigma 1)": GaussianBlur((1.0, 1.0)),
+        "gaussian blur, sigma 1 (ours: colour.c on tensors)": GaussianBlur((1.0, 1.0)),
         "flip": F.horizontal_flip,
     }
 

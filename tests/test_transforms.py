@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pic.data import transforms as T
 
@@ -131,14 +131,53 @@ def test_num_views_must_be_positive():
         T.simclr(32, MEAN, STD, num_views=0)
 
 
-def test_blur_sigma_is_drawn_from_its_range_and_blurs_pil_and_tensor():
+def test_blur_on_pil_and_without_the_native_library_is_pil_s(monkeypatch):
+    from pic.data import native
+
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
     blur = T.GaussianBlur((1.0, 1.0))
     out = np.asarray(blur(image), dtype=np.float64)
     assert out.std() < np.asarray(image, dtype=np.float64).std()  # smoothing lowers variance
+    monkeypatch.setattr(native, "LIB", None)
     from_tensor = blur(torch.from_numpy(np.array(image)).permute(2, 0, 1))
     assert from_tensor.dtype == torch.uint8
     np.testing.assert_array_equal(from_tensor.permute(1, 2, 0).numpy(), out.astype(np.uint8))
+
+
+def gaussian_reference(image: torch.Tensor, sigma: float) -> np.ndarray:
+    """Separable Gaussian in float64 with numpy: radius ceil(3 sigma), edges replicated."""
+    r = int(np.ceil(3 * sigma))
+    taps = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma**2))
+    taps /= taps.sum()
+    a = image.double().numpy()
+    h, w = a.shape[1:]
+    rows = np.pad(a, ((0, 0), (0, 0), (r, r)), mode="edge")
+    a = sum(t * rows[:, :, j:j + w] for j, t in enumerate(taps))
+    cols = np.pad(a, ((0, 0), (r, r), (0, 0)), mode="edge")
+    return np.floor(sum(t * cols[:, j:j + h, :] for j, t in enumerate(taps)) + 0.5)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 1.37, 2.0])
+@pytest.mark.parametrize("h, w", [(33, 47), (5, 7)])  # 5x7: smaller than the kernel at sigma 2
+def test_native_blur_is_the_separable_gaussian(sigma, h, w):
+    from pic.data import native
+
+    assert native.LIB is not None, "the native library is not built: `make install`"
+    image = as_tensor(random_image(h, w, seed=2))
+    fast = T.gaussian_blur(image, sigma).double().numpy()
+    assert np.abs(fast - gaussian_reference(image, sigma)).max() <= 1  # float32 rounding only
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_native_blur_is_close_to_pil_s(sigma):
+    """PIL approximates the same Gaussian with box blurs (the seed's blur): close, not equal."""
+    from .test_decode import photo
+
+    pixels = photo(64, 64, seed=4)
+    fast = T.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), sigma)
+    pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(sigma)))
+    diff = np.abs(fast.permute(1, 2, 0).double().numpy() - pil)
+    assert diff.mean() < 1 and diff.max() <= 8
 
 
 # ---------------------------------------------------------------- colour jitter, hue shift

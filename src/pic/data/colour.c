@@ -1,12 +1,17 @@
-/* SimCLR's hue jitter on a uint8 RGB image in 3 planes (C x H x W), ~10x faster than the same
- * arithmetic as tensor operations (bench/dataload.py --ops).
+/* Colour augmentations on uint8 images stored as planes (C x H x W). As tensor operations they
+ * cost ~10x more per image (bench/dataload.py --ops).
  *
- * Exactly the HSV hue rotation of torchvision's adjust_hue: the maximum (V) and minimum
- * channel stay, the hue angle moves by hue_factor turns, and each channel is
+ * pic_adjust_hue: the HSV hue rotation of torchvision's adjust_hue. The maximum (V) and
+ * minimum channel stay, the hue angle moves by hue_factor turns, and each channel is
  * V - C * clamp(min(k, 4 - k), 0, 1) with C = max - min and k = (n + 6 * hue) mod 6,
  * n = 5, 3, 1 for R, G, B. Quantised back to uint8 as torchvision does: trunc(v * 255.999).
+ *
+ * pic_gaussian_blur: a separable Gaussian blur (see below).
+ *
  * Built with jpeg_crop.c into _native.so by `make install`; see native.py.
  */
+#include <math.h>
+
 static inline float max2(float a, float b) { return a > b ? a : b; }
 static inline float min2(float a, float b) { return a < b ? a : b; }
 
@@ -40,5 +45,66 @@ void pic_adjust_hue(const unsigned char *restrict in, unsigned char *restrict ou
         ro[i] = (unsigned char)(int)channel(5.0f, h, maxc, c, scale);
         go[i] = (unsigned char)(int)channel(3.0f, h, maxc, c, scale);
         bo[i] = (unsigned char)(int)channel(1.0f, h, maxc, c, scale);
+    }
+}
+
+/* Gaussian blur of a uint8 image in `channels` planes of height x width: the kernel
+ * exp(-i^2 / (2 sigma^2)), |i| <= ceil(3 sigma), normalised, applied along rows then columns,
+ * edges replicated, rounded to nearest. The separable passes run over contiguous rows, which
+ * the compiler vectorises. `scratch` holds (height + 2 * radius) * width floats plus
+ * width + 2 * radius for one padded row. */
+void pic_gaussian_blur(const unsigned char *restrict in, unsigned char *restrict out,
+                       int channels, int height, int width, float sigma,
+                       float *restrict scratch) {
+    int radius = (int)(3.0f * sigma);
+    radius += (float)radius < 3.0f * sigma; /* ceil */
+    float kernel[2 * 64 + 1];
+    if (radius > 64) radius = 64;
+    float total = 0.0f;
+    for (int i = -radius; i <= radius; i++) {
+        kernel[i + radius] = expf(-(float)(i * i) / (2.0f * sigma * sigma));
+        total += kernel[i + radius];
+    }
+    for (int i = 0; i <= 2 * radius; i++) kernel[i] /= total;
+
+    float *rows = scratch;                                   /* (height + 2r) x width */
+    float *padded = scratch + (long)(height + 2 * radius) * width; /* width + 2r */
+    for (int ch = 0; ch < channels; ch++) {
+        const unsigned char *src = in + (long)ch * height * width;
+        unsigned char *dst = out + (long)ch * height * width;
+        /* Rows: blurred along x into rows[radius + y]. */
+        for (int y = 0; y < height; y++) {
+            const unsigned char *line = src + (long)y * width;
+            for (int x = 0; x < radius; x++) {
+                padded[x] = line[0];
+                padded[radius + width + x] = line[width - 1];
+            }
+            for (int x = 0; x < width; x++) padded[radius + x] = line[x];
+            float *acc = rows + (long)(radius + y) * width;
+            for (int x = 0; x < width; x++) acc[x] = 0.0f;
+            for (int i = 0; i <= 2 * radius; i++) {
+                const float k = kernel[i], *p = padded + i;
+                for (int x = 0; x < width; x++) acc[x] += k * p[x];
+            }
+        }
+        /* Replicated edge rows above and below. */
+        for (int y = 0; y < radius; y++) {
+            for (int x = 0; x < width; x++) {
+                rows[(long)y * width + x] = rows[(long)radius * width + x];
+                rows[(long)(radius + height + y) * width + x] =
+                    rows[(long)(radius + height - 1) * width + x];
+            }
+        }
+        /* Columns: blurred along y, rounded into dst. */
+        for (int y = 0; y < height; y++) {
+            float *acc = padded; /* reused: width floats */
+            for (int x = 0; x < width; x++) acc[x] = 0.0f;
+            for (int i = 0; i <= 2 * radius; i++) {
+                const float k = kernel[i], *p = rows + (long)(y + i) * width;
+                for (int x = 0; x < width; x++) acc[x] += k * p[x];
+            }
+            unsigned char *line = dst + (long)y * width;
+            for (int x = 0; x < width; x++) line[x] = (unsigned char)(int)(acc[x] + 0.5f);
+        }
     }
 }

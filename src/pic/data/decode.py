@@ -98,9 +98,10 @@ def describe_decoder(decoder: str) -> str:
     if decoder == "torchvision":
         import torchvision
 
-        crops = "crop decoding on" if crop_decoding() else "crop decoding off: make install"
-        return (f"torchvision {torchvision.__version__} decode_image ({crops}) + v2 tensor "
-                "transforms")
+        status = ("native library on: crop decoding, hue shift, blur" if crop_decoding()
+                  else "native library off: `make install` builds it")
+        return (f"torchvision {torchvision.__version__} decode_image + v2 tensor transforms "
+                f"({status})")
     return f"PIL ({pil_backend()})"
 
 

@@ -1,9 +1,10 @@
 """The package's small C library, loaded with ctypes (no Python headers needed to build it).
 
 ``make install`` builds ``_native.so`` from ``jpeg_crop.c`` (decode only a rectangle of a JPEG,
-needs libjpeg's headers: ``apt install libjpeg-dev``) and ``colour.c`` (SimCLR's hue shift on
-uint8 images). Each use has a pure-Python fallback with the same result; ``LIB`` is None when
-the library is not built, and the run log says so.
+needs libjpeg's headers: ``apt install libjpeg-dev``) and ``colour.c`` (SimCLR's hue shift and
+Gaussian blur on uint8 images). Without it the Python paths run: whole-image decoding (same
+pixels), torchvision's hue shift (within 1/255) and PIL's blur (the seed's box-blur
+approximation of the same Gaussian). ``LIB`` is None then, and the run log says so.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def load() -> ctypes.CDLL | None:
     lib.pic_adjust_hue.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
                                    ctypes.c_float]
     lib.pic_adjust_hue.restype = None
+    lib.pic_gaussian_blur.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                      ctypes.c_void_p]
+    lib.pic_gaussian_blur.restype = None
     return lib
 
 

@@ -39,9 +39,10 @@ def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v
 class GaussianBlur:
     """Gaussian blur with sigma drawn uniformly from ``sigma`` (SimCLR, MoCo v2).
 
-    Runs on PIL (``ImageFilter.GaussianBlur``, whose radius is the standard deviation): at 224 px
-    it is ~6x faster than torchvision's tensor convolution, and ~300x at 32 px. Tensor images
-    make a round trip through PIL.
+    PIL images: ``ImageFilter.GaussianBlur`` (whose radius is the standard deviation; a chain
+    of box blurs approximating the Gaussian), as the seed. uint8 (3, H, W) tensors: the exact
+    separable Gaussian of the native library (colour.c: kernel radius ceil(3 sigma), edges
+    replicated), ~5x faster than the PIL round trip; without the library, that round trip.
     """
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
@@ -51,11 +52,26 @@ class GaussianBlur:
         radius = float(torch.empty(1).uniform_(*self.sigma))
         if isinstance(image, Image.Image):
             return image.filter(ImageFilter.GaussianBlur(radius))
+        if native.LIB is not None and image.dtype == torch.uint8 and image.ndim == 3:
+            return gaussian_blur(image, radius)
         pil = v2.functional.to_pil_image(image)
         return v2.functional.pil_to_tensor(pil.filter(ImageFilter.GaussianBlur(radius)))
 
     def __repr__(self) -> str:
         return f"GaussianBlur(sigma={self.sigma})"
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """uint8 (C, H, W) blurred by the native library's separable Gaussian."""
+    assert native.LIB is not None
+    channels, height, width = image.shape
+    radius = min(math.ceil(3 * sigma), 64)
+    image = image.contiguous()
+    out = torch.empty_like(image)
+    scratch = torch.empty((height + 2 * radius) * width + width + 2 * radius)
+    native.LIB.pic_gaussian_blur(image.data_ptr(), out.data_ptr(), channels, height, width,
+                                 sigma, scratch.data_ptr())
+    return out
 
 
 def adjust_hue(image: ImageLike, hue_factor: float) -> ImageLike:
