@@ -137,6 +137,7 @@ def main() -> None:
                 previous = results.get((n, kind))
                 if isinstance(previous, str):
                     continue  # skipped or failed: no use trying again
+                print(f"running N={n:.0e} {kind}", file=sys.stderr, flush=True)
                 result = run_one(kind, n, args)
                 if isinstance(result, str) or previous is None or \
                         result["step_ms"] < previous["step_ms"]:
