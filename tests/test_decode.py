@@ -30,10 +30,11 @@ def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     return (base + rng.normal(0, 20, (height, width, 3))).clip(0, 255).astype(np.uint8)
 
 
-def jpeg(pixels: np.ndarray, subsampling: int = 2, mode: str = "RGB") -> bytes:
+def jpeg(pixels: np.ndarray, subsampling: int = 2, mode: str = "RGB",
+         progressive: bool = False) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", quality=90,
-                                              subsampling=subsampling)
+                                              subsampling=subsampling, progressive=progressive)
     return buffer.getvalue()
 
 
@@ -47,11 +48,14 @@ def test_the_native_library_is_built() -> None:
                               "and libjpeg headers: apt install libjpeg-dev)"
 
 
-# 4:2:0, 4:2:2 and 4:4:4 chroma subsampling, and a grayscale JPEG (expanded to RGB).
-@pytest.mark.parametrize("subsampling, mode", [(2, "RGB"), (1, "RGB"), (0, "RGB"), (2, "L")])
-def test_region_equals_the_same_rectangle_of_a_full_decode(subsampling: int, mode: str) -> None:
+# 4:2:0, 4:2:2 and 4:4:4 chroma subsampling, grayscale (expanded to RGB), progressive.
+@pytest.mark.parametrize("subsampling, mode, progressive",
+                         [(2, "RGB", False), (1, "RGB", False), (0, "RGB", False),
+                          (2, "L", False), (2, "RGB", True)])
+def test_region_equals_the_same_rectangle_of_a_full_decode(subsampling: int, mode: str,
+                                                           progressive: bool) -> None:
     height, width = 83, 117  # not multiples of the 8/16-px blocks
-    data = jpeg(photo(height, width), subsampling, mode)
+    data = jpeg(photo(height, width), subsampling, mode, progressive)
     image = D.lazy_jpeg(data)
     assert image is not None and (image.height, image.width) == (height, width)
     full = full_decode(data)
@@ -83,6 +87,14 @@ def test_views_from_a_lazy_jpeg_equal_views_from_its_pixels(build) -> None:
         torch.manual_seed(seed)
         eager = transform(full_decode(data))
         assert all(torch.equal(a, b) for a, b in zip(lazy, eager, strict=True))
+
+
+def test_cmyk_jpeg_falls_back_to_the_full_decoder() -> None:
+    data = jpeg(photo(40, 50), mode="CMYK")  # the crop decoder outputs RGB only
+    image = D.lazy_jpeg(data)
+    assert image is not None
+    region = image.region(5, 7, 10, 12)
+    assert torch.equal(region, D.decode(data, "torchvision")[:, 5:15, 7:19])
 
 
 def test_without_the_library_images_are_decoded_whole(monkeypatch) -> None:
