@@ -320,7 +320,7 @@ class SampledInstanceClassifier(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @torch.no_grad()
     def sync_state(self) -> None:
-        """Bring every row up to date (all ``last`` = t); with mmap, snapshot the files."""
+        """Bring every row up to date (all ``last`` = t); with mmap, snapshot the file."""
         if self._synced_at == self.t:
             return
         if self.weight_correction:
@@ -336,7 +336,7 @@ class SampledInstanceClassifier(nn.Module):
         return self.storage_dir / f"{stem}.table"
 
     def _write_snapshot(self) -> None:
-        """Copy the (synced) files to ``pic_classifier.step<t>.*``, written atomically.
+        """Copy the (synced) table file to ``pic_classifier.step<t>.table``, atomically.
 
         The trainer's checkpoint names the snapshot; the previous one is kept because the
         checkpoint that names it stays current until the new checkpoint is in place.
