@@ -122,7 +122,7 @@ class SampledInstanceClassifier(nn.Module):
         momentum, weight_decay: m and λ; must be the optimizer's.
         storage: ``device`` (moves with the module), ``host`` (CPU memory) or ``mmap`` (files
             under ``storage_dir``); only the step's rows go to the features' device.
-        storage_dir: directory of the mmap files and their checkpoint snapshots.
+        storage_dir: directory of the mmap table file and its checkpoint snapshots.
     """
 
     def __init__(self, num_instances: int, dim: int, init_norm: float | None = None,
