@@ -11,12 +11,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The native library (src/pic/data/native.py: crop decoding, hue shift), loaded with ctypes.
-# Without a C compiler or libjpeg's headers (apt install libjpeg-dev) the pure-Python paths run.
-# -fno-trapping-math lets the compiler vectorise the hue loop; it changes no result.
-NATIVE := src/pic/data/_native.so
+# The native library (src/pic/native.py: crop decoding, colour ops, classifier rows), loaded
+# with ctypes. Without a C compiler or libjpeg's headers (apt install libjpeg-dev) the Python
+# paths run. -fno-trapping-math lets the compiler vectorise the colour loops; it changes no
+# result.
+NATIVE := src/pic/_native.so
 
-$(NATIVE): src/pic/data/jpeg_crop.c src/pic/data/colour.c
+$(NATIVE): $(wildcard src/pic/csrc/*.c)
 	$(CC) -O3 -fno-trapping-math -shared -fPIC -Wall -o $@ $^ -ljpeg -lm || \
 	  echo "native library off: could not build $@ (needs cc and libjpeg-dev)" >&2
 

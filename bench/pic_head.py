@@ -9,7 +9,7 @@ includes file pages of the mapping, which the kernel can drop), ``peak anon`` th
 anonymous (non-file) resident memory sampled after set-up and after every step.
 
     python bench/pic_head.py [--sizes 1e4 1e5 1e6 1e7 1e8] [--num-negatives 4096] [--steps 20]
-                             [--rounds 1]
+                             [--rounds 1] [--sampling uniform|recent]
 
 Prints a Markdown table; "vs first N" is the best step time over that of the smallest N of the
 same head. With ``--rounds R`` every configuration runs R times, the sizes alternating, and
@@ -48,10 +48,11 @@ def mem_available() -> int:
     raise KeyError("MemAvailable")
 
 
-def measure(kind: str, n: int, k: int, steps: int, directory: str) -> dict:
+def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str) -> dict:
     """Runs in the subprocess: build the head, time ``steps`` steps after 3 warm-up steps."""
     import torch
 
+    from pic.data.samplers import SlidingWindowSampler
     from pic.losses import instance_classification_loss
     from pic.networks.classifier import InstanceClassifier, SampledInstanceClassifier
 
@@ -64,14 +65,20 @@ def measure(kind: str, n: int, k: int, steps: int, directory: str) -> dict:
         opt = torch.optim.SGD(clf.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     else:
         storage = kind.split("-")[1]
-        clf = SampledInstanceClassifier(n, D, num_negatives=k, sampling="uniform",
+        clf = SampledInstanceClassifier(n, D, num_negatives=k, sampling=sampling,
                                         storage=storage, storage_dir=directory)
         os.sync()  # time steps, not the write-back of the freshly written files
     setup_s = time.perf_counter() - start
     peak_anon = status_kib("RssAnon")
     times, rows = [], 0
+    # uniform: positives uniform over N too; recent: PIC's setting, positives from the sliding
+    # window (default W and S), negatives the most recent instances.
+    window = iter(SlidingWindowSampler(n)) if sampling == "recent" else None
     for step in range(steps + 3):
-        labels = torch.randint(n, (B,))
+        if window is None:
+            labels = torch.randint(n, (B,))
+        else:
+            labels = torch.tensor([next(window) for _ in range(B)])
         t0 = time.perf_counter()
         weight, pos = clf(labels)
         loss = instance_classification_loss(features, weight, pos, 0.2)
@@ -116,18 +123,20 @@ def main() -> None:
     parser.add_argument("--num-negatives", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--sampling", choices=["uniform", "recent"], default="uniform",
+                        help="negatives (and positives: uniform, or from the sliding window)")
     parser.add_argument("--kinds", nargs="+",
                         default=["dense", "sampled-device", "sampled-mmap"])
     parser.add_argument("--dir", default=tempfile.gettempdir(),
                         help="where the mmap files go (needs free disk)")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, n, k, steps, directory = args.child
-        print(json.dumps(measure(kind, int(n), int(k), int(steps), directory)))
+        kind, n, k, steps, directory, sampling = args.child
+        print(json.dumps(measure(kind, int(n), int(k), int(steps), directory, sampling)))
         return
 
-    print(f"PIC head, B={B}, D={D}, K={args.num_negatives} uniform negatives, "
+    print(f"PIC head, B={B}, D={D}, K={args.num_negatives} {args.sampling} negatives, "
           f"{os.environ.get('BENCH_THREADS', '1')} threads, {args.steps} steps, "
           f"best of {args.rounds} round(s)\n")
     results: dict[tuple[int, str], dict | str] = {}
@@ -166,7 +175,7 @@ def run_one(kind: str, n: int, args: argparse.Namespace) -> dict | str:
             return f"skipped: {reason}"
         out = subprocess.run(
             [sys.executable, __file__, "--child", kind, str(n), str(args.num_negatives),
-             str(args.steps), directory],
+             str(args.steps), directory, args.sampling],
             capture_output=True, text=True, check=False)
         if out.returncode:
             tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]

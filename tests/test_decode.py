@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torchvision.io import decode_jpeg
 
+from pic import native
 from pic.data import decode as D
-from pic.data import native
 from pic.data import transforms as T
 from pic.data.folder import FolderData
 

@@ -316,3 +316,27 @@ def test_sampled_classifier_refuses_an_optimizer_it_does_not_implement(overrides
         instantiate(cfg.model, backbone=TinyBackbone(), num_instances=64)
     cfg = compose_config("model.num_negatives=16")  # the default optimizer: accepted
     assert instantiate(cfg.model, backbone=TinyBackbone(), num_instances=64).classifier
+
+
+@pytest.mark.parametrize("storage", ["device", "mmap"])
+def test_native_row_moves_equal_torch_s(tmp_path: Path, storage: str, monkeypatch) -> None:
+    from pic import native
+
+    assert native.LIB is not None, "the native library is not built: `make install`"
+    tables = []
+    for lib in (native.LIB, None):  # the C gather/scatter, then index_select/index_copy_
+        monkeypatch.setattr(native, "LIB", lib)
+        torch.manual_seed(0)
+        clf = sampled(tmp_path / str(lib is None), 50, num_negatives=7, sampling="uniform",
+                      storage=storage)
+        for step in range(12):
+            sampled_step(clf, step, 4)
+            clf.after_step(lr_at(step))
+        tables.append(clf.table.clone())
+    assert torch.equal(*tables)
+
+
+def test_native_row_moves_check_the_range(tmp_path: Path) -> None:
+    clf = sampled(tmp_path, 20, num_negatives=3, sampling="uniform")
+    with pytest.raises(IndexError, match=r"outside \[0, 20\)"):
+        clf._gather(torch.tensor([3, 20]))

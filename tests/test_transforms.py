@@ -132,7 +132,7 @@ def test_num_views_must_be_positive():
 
 
 def test_blur_on_pil_and_without_the_native_library_is_pil_s(monkeypatch):
-    from pic.data import native
+    from pic import native
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
     blur = T.GaussianBlur((1.0, 1.0))
@@ -160,7 +160,7 @@ def gaussian_reference(image: torch.Tensor, sigma: float) -> np.ndarray:
 @pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 1.37, 2.0])
 @pytest.mark.parametrize("h, w", [(33, 47), (5, 7)])  # 5x7: smaller than the kernel at sigma 2
 def test_native_blur_is_the_separable_gaussian(sigma, h, w):
-    from pic.data import native
+    from pic import native
 
     assert native.LIB is not None, "the native library is not built: `make install`"
     image = as_tensor(random_image(h, w, seed=2))
@@ -196,7 +196,7 @@ def hsv_reference(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("hue_factor", [0.0, 0.1, -0.23, 0.37, 0.5, -0.5])
 def test_native_hue_shift_matches_hsv_rotation(hue_factor: float) -> None:
-    from pic.data import native
+    from pic import native
 
     assert native.LIB is not None, "the native library is not built: `make install`"
     image = as_tensor(random_image(24, 40, seed=5))
@@ -209,7 +209,7 @@ def test_native_hue_shift_matches_hsv_rotation(hue_factor: float) -> None:
 
 
 def test_hue_shift_without_the_native_library_is_torchvision_s(monkeypatch) -> None:
-    from pic.data import native
+    from pic import native
 
     monkeypatch.setattr(native, "LIB", None)
     image = as_tensor(random_image())

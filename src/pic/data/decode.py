@@ -7,7 +7,7 @@ pillow-simd when installed in its place: `make install-simd`) returns an RGB PIL
 Crop decoding: a training pipeline that starts with a random crop needs only the crop's pixels.
 With the `torchvision` decoder and ``lazy=True`` a JPEG becomes a :class:`JPEGFile` (header
 read, nothing decoded) and the pipeline decodes just the rectangle covering its crops, through
-the small libjpeg wrapper ``jpeg_crop.c`` (part of the native library, see native.py). The
+the small libjpeg wrapper ``jpeg_crop.c`` (part of the native library, see pic/native.py). The
 pixels equal those of a full decode exactly; without the library every image is decoded whole.
 bench/dataload.py measures both.
 """
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from . import native
+from .. import native
 
 log = logging.getLogger(__name__)
 

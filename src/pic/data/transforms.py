@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
-from . import native
+from .. import native
 from .decode import JPEGFile
 
 ImageLike = Image.Image | torch.Tensor

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import dist
+from .. import dist, native
 
 #: Every row is brought up to date at least once per MAX_GAP updates (a round-robin sweep of
 #: ceil(N / MAX_GAP) rows per step), so the correction needs only the last MAX_GAP updates.
@@ -254,10 +254,7 @@ class SampledInstanceClassifier(nn.Module):
 
     def _current(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """A copy of the table's ``rows`` brought up to update t; the table is left as it is."""
-        if isinstance(rows, slice):
-            current = self.table[rows].clone()
-        else:  # index_select: ~2.5x faster than advanced indexing for rows this wide
-            current = self.table.index_select(0, rows)
+        current = self.table[rows].clone() if isinstance(rows, slice) else self._gather(rows)
         if not self.weight_correction:
             return current
         d, now = self.dim, self.t % CLOCK
@@ -270,6 +267,34 @@ class SampledInstanceClassifier(nn.Module):
         w[:], b[:] = c[2] * b + c[3] * w, c[0] * b + c[1] * w
         current[:, 2 * d] = now
         return current
+
+    def _native_rows(self, rows: torch.Tensor) -> bool:
+        """Whether the native library moves these rows (a CPU table); checks their range,
+        which the C code trusts. ``rows`` are sorted (torch.unique)."""
+        if native.LIB is None or self.table.device.type != "cpu":
+            return False
+        if len(rows) and not (0 <= int(rows[0]) and int(rows[-1]) < self.num_instances):
+            raise IndexError(f"instance index outside [0, {self.num_instances})")
+        return True
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """A copy of the table's ``rows`` (sorted, distinct)."""
+        if not self._native_rows(rows):  # index_select: ~2.5x faster than table[rows]
+            return self.table.index_select(0, rows)
+        rows = rows.contiguous()
+        out = torch.empty(len(rows), self.width)
+        native.LIB.pic_gather_rows(self.table.data_ptr(), rows.data_ptr(), len(rows),
+                                   self.width, out.data_ptr())
+        return out
+
+    def _scatter(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """table[rows] = values (rows sorted, distinct)."""
+        if not self._native_rows(rows):
+            self.table.index_copy_(0, rows, values)
+            return
+        rows, values = rows.contiguous(), values.contiguous()
+        native.LIB.pic_scatter_rows(self.table.data_ptr(), rows.data_ptr(), len(rows),
+                                    self.width, values.data_ptr())
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
@@ -288,7 +313,7 @@ class SampledInstanceClassifier(nn.Module):
         w.add_(b, alpha=-lr)
         self.t += 1
         current[:, 2 * self.dim] = self.t % CLOCK
-        self.table.index_copy_(0, rows, current)
+        self._scatter(rows, current)
         if self.weight_correction:
             self._advance(lr)
             end = min(self.sweep + self.sweep_rows, self.num_instances)

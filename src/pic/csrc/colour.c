@@ -8,7 +8,7 @@
  *
  * pic_gaussian_blur: a separable Gaussian blur (see below).
  *
- * Built with jpeg_crop.c into _native.so by `make install`; see native.py.
+ * Built with the other csrc/ files into _native.so by `make install`; see src/pic/native.py.
  */
 #include <math.h>
 

@@ -2,8 +2,8 @@
  * colour conversion or upsampling (jpeg_skip_scanlines), the columns outside it are not
  * reconstructed (jpeg_crop_scanline), and decoding stops after its last row.
  *
- * Plain C ABI for ctypes (no Python headers): built with colour.c into _native.so by `make
- * install`; see native.py.
+ * Plain C ABI for ctypes (no Python headers): built with the other csrc/ files into
+ * _native.so by `make install`; see src/pic/native.py.
  * Every libjpeg error and warning (corrupt or truncated data) makes the call fail with the
  * message in `msg`; the caller then decodes the whole image with its usual decoder, which
  * decides whether the file is bad.
