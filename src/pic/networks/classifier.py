@@ -281,7 +281,7 @@ class SampledInstanceClassifier(nn.Module):
         """A copy of the table's ``rows`` (sorted, distinct)."""
         if not self._native_rows(rows):  # index_select: ~2.5x faster than table[rows]
             return self.table.index_select(0, rows)
-        rows = rows.contiguous()
+        rows = rows.long().contiguous()  # the C side reads int64
         out = torch.empty(len(rows), self.width)
         native.LIB.pic_gather_rows(self.table.data_ptr(), rows.data_ptr(), len(rows),
                                    self.width, out.data_ptr())
@@ -292,7 +292,7 @@ class SampledInstanceClassifier(nn.Module):
         if not self._native_rows(rows):
             self.table.index_copy_(0, rows, values)
             return
-        rows, values = rows.contiguous(), values.contiguous()
+        rows, values = rows.long().contiguous(), values.contiguous()
         native.LIB.pic_scatter_rows(self.table.data_ptr(), rows.data_ptr(), len(rows),
                                     self.width, values.data_ptr())
 
