@@ -8,7 +8,7 @@ layouts from them, and times `dataset[i]` over all images in one process with on
 which is what one loader worker does. Transform: `linear` is RandomResizedCrop(size) + flip +
 float normalised tensor; `simclr` is the default pretraining augmentation, two views each with
 colour jitter, grayscale and blur. Baseline: the same pipeline in stock torchvision v1
-transforms on PIL images, as the seed wrote it. Prints a Markdown table. pillow-simd rows
+transforms on PIL images, as the authors' code wrote it. Prints a Markdown table. pillow-simd rows
 appear when it is installed in place of Pillow (`make install-simd`; the backend column says
 which PIL ran). With the torchvision decoder our transforms decode only the rectangle of a
 JPEG that covers their crops (crop decoding, when `make install` has built it); the
@@ -110,7 +110,7 @@ def main() -> None:
         time_ops(args.size)
         return
 
-    colour = [  # SimCLR's colour pipeline as the seed wrote it: v1 transforms, PIL blur
+    colour = [  # SimCLR's colour pipeline as the authors' code wrote it: v1 transforms, PIL blur
         v1.RandomApply([v1.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
         v1.RandomGrayscale(p=0.2),
         v1.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),

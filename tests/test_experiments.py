@@ -78,7 +78,7 @@ def test_experiment_composes_with_the_authors_settings(name: str, cluster: str) 
     assert cfg.data._target_ == "pic.data.zipdata.ZipData" and cfg.data.image_size == 224
     assert (cfg.backbone.arch, cfg.backbone.small_images) == ("resnet50", False)
     assert cfg.cluster.nproc_per_node == 4
-    # Followed by the seed's linear evaluation.
+    # Followed by the authors' code's linear evaluation.
     task = cfg.task
     assert task._target_ == "pic.tasks.linear.LinearEval" and task.pretrain_first
     assert (task.epochs, task.batch_size, task.lr, task.momentum, task.weight_decay,

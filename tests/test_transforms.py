@@ -170,7 +170,7 @@ def test_native_blur_is_the_separable_gaussian(sigma, h, w):
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 def test_native_blur_is_close_to_pil_s(sigma):
-    """PIL approximates the same Gaussian with box blurs (the seed's blur): close, not equal."""
+    """PIL approximates the same Gaussian with box blurs (the authors' blur): close, not equal."""
     from .test_decode import photo
 
     pixels = photo(64, 64, seed=4)

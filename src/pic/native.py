@@ -4,7 +4,7 @@
 rectangle of a JPEG; needs libjpeg's headers: ``apt install libjpeg-dev``), ``colour.c``
 (SimCLR's hue shift and Gaussian blur on uint8 images) and ``rows.c`` (the sampled PIC
 classifier's row gathers and scatters). Without it the Python paths run: whole-image decoding
-(same pixels), torchvision's hue shift (within 1/255), PIL's blur (the seed's box-blur
+(same pixels), torchvision's hue shift (within 1/255), PIL's blur (the authors' code's box-blur
 approximation of the same Gaussian) and torch's index_select / index_copy_ (same rows).
 ``LIB`` is None then, and the run log says so.
 """

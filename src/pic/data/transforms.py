@@ -40,9 +40,9 @@ class GaussianBlur:
     """Gaussian blur with sigma drawn uniformly from ``sigma`` (SimCLR, MoCo v2).
 
     PIL images: ``ImageFilter.GaussianBlur`` (whose radius is the standard deviation; a chain
-    of box blurs approximating the Gaussian), as the seed. uint8 (3, H, W) tensors: the exact
-    separable Gaussian of the native library (colour.c: kernel radius ceil(3 sigma), edges
-    replicated), ~5x faster than the PIL round trip; without the library, that round trip.
+    of box blurs approximating the Gaussian), as in the authors' code. uint8 (3, H, W) tensors:
+    the exact separable Gaussian of the native library (colour.c: kernel radius ceil(3 sigma),
+    edges replicated), ~5x faster than the PIL round trip; without the library, that round trip.
     """
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 
 def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return tdist.is_available() and tdist.is_initialized()
 
 
 def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+    return tdist.get_rank() if is_dist() else 0
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+    return tdist.get_world_size() if is_dist() else 1
 
 
 def is_main() -> bool:
@@ -24,7 +24,7 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if is_dist():
-        dist.barrier()
+        tdist.barrier()
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return x
     out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
+    tdist.all_gather(out, x.contiguous())
     return torch.cat(out)
 
 
@@ -44,13 +44,13 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.batch = x.shape[0]
         out = [torch.empty_like(x) for _ in range(get_world_size())]
-        dist.all_gather(out, x.contiguous())
+        tdist.all_gather(out, x.contiguous())
         return torch.cat(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous()
-        dist.all_reduce(grad)
+        tdist.all_reduce(grad)
         start = get_rank() * ctx.batch
         return grad[start : start + ctx.batch]
 
@@ -71,7 +71,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return x
     x = x.detach().clone()
-    dist.all_reduce(x)
+    tdist.all_reduce(x)
     return x / get_world_size()
 
 
@@ -79,12 +79,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return x
     x = x.detach().clone()
-    dist.all_reduce(x)
+    tdist.all_reduce(x)
     return x
 
 
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank ``src``'s value of ``x`` on every rank (in place)."""
     if is_dist():
-        dist.broadcast(x, src)
+        tdist.broadcast(x, src)
     return x

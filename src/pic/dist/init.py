@@ -6,7 +6,7 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ def init_distributed() -> torch.device:
                                "per node (cluster.nproc_per_node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not tdist.is_initialized():
         missing = [name for name in _ENV if name not in os.environ]
         if missing:
             raise RuntimeError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: start "
                                "the processes with launch.py, torchrun or submitit")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://",
+        tdist.init_process_group(backend, init_method="env://",
                                 device_id=device if device.type == "cuda" else None)
-        log.info("rank %d of %d (%s, %s)", dist.get_rank(), world_size, backend, device)
+        log.info("rank %d of %d (%s, %s)", tdist.get_rank(), world_size, backend, device)
     return device

@@ -1,4 +1,4 @@
-"""``task=linear pretrained=PATH``: linear evaluation of a frozen backbone (the seed's main_linear).
+"""``task=linear pretrained=PATH``: linear evaluation of a frozen backbone (authors' main_linear).
 
 One linear layer is trained on the pooled features of a backbone taken from any method's
 checkpoint; top-1/top-5 on the validation split are measured after every epoch. The loop is the
