@@ -15,11 +15,9 @@ from .. import dist
 from ..dist.init import local_device
 from .checkpoint import Checkpointer, TrainState
 from .loader import Plan, run_loader
+from .precision import PRECISIONS, Hardware, choose_precision, emulated_bf16_warning
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
@@ -68,12 +66,14 @@ class Trainer:
 
     Speed options. The constructor's defaults are the reference computation (fp32, default
     layout); the platform's config (``conf/config.yaml``, ``trainer:``) turns on the options
-    that help on CPUs and GPUs alike (bf16, channels_last, cudnn_benchmark). All of them keep
-    resume exact (``cudnn_benchmark`` aside, see below).
+    that help on CPUs and GPUs alike (precision auto, channels_last, cudnn_benchmark). All of
+    them keep resume exact (``cudnn_benchmark`` aside, see below).
 
-    - ``precision``: ``bf16`` runs forward and backward under bf16 autocast; losses
+    - ``precision``: ``auto`` chooses what the hardware runs natively (:mod:`.precision`) and
+      logs why; the choice and reason are in the summary (``precision``,
+      ``precision_reason``). ``bf16`` runs forward and backward under bf16 autocast; losses
       are computed in fp32 by the methods. About 2× faster on a CPU with AVX512-BF16/AMX and
-      on GPUs from Ampere on; on hardware without bf16 units use ``fp32``. ``fp16`` adds
+      on GPUs from Ampere on, ~10× slower where emulated (one warning says so). ``fp16`` adds
       dynamic loss scaling (GradScaler) for GPUs without bf16; ``fp32`` is the reference.
     - ``channels_last``: the model's 4-d weights and every input batch use the NHWC layout,
       which the CPU (oneDNN) and GPU (cuDNN tensor-core) convolutions run natively, saving a
@@ -95,17 +95,21 @@ class Trainer:
                  num_workers: int = 2, device: str = "auto", channels_last: bool = False,
                  compile: bool = False, cudnn_benchmark: bool = True, max_bad_steps: int = 20,
                  progress: bool = True) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"trainer.precision={precision!r}: expected one of {list(PRECISIONS)}")
+        self.device = resolve_device(device)
+        hardware = Hardware.probe(self.device)
+        self.precision, self.precision_reason = choose_precision(precision, hardware)
+        log.info("precision %s: %s", self.precision, self.precision_reason)
+        warning = emulated_bf16_warning(self.precision, hardware)
+        if warning:
+            log.warning(warning)
         self.epochs, self.batch_size, self.max_steps = epochs, batch_size, max_steps
         self.checkpoint_every, self.log_every = checkpoint_every, log_every
-        self.precision, self.num_workers = precision, num_workers
-        self.device = resolve_device(device)
+        self.num_workers = num_workers
         self.channels_last, self.compile = channels_last, compile
         self.cudnn_benchmark, self.progress = cudnn_benchmark, progress
         self.max_bad_steps = max_bad_steps
         self.stop_requested = False  # set (e.g. by a preemption signal) to checkpoint and return
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self._consecutive_bad = 0
 
     # ------------------------------------------------------------------ set-up
@@ -320,4 +324,5 @@ class Trainer:
             "final_lr": lr, "loss_history": state.history,
             "steps_this_attempt": state.step - start_step,
             "completed": state.step >= last_step, "run_id": state.run_id,
+            "precision": self.precision, "precision_reason": self.precision_reason,
         }
