@@ -35,3 +35,16 @@ class Method(nn.Module):
     def after_step(self, lr: float) -> None:
         """Called after every optimizer step (EMA updates, lazy classifier updates); ``lr`` is
         the learning rate the step used."""
+
+    def forward_state(self) -> list[torch.Tensor]:
+        """The tensors ``forward`` changes in place, before the step's loss is known: the
+        trainer restores them when it skips a non-finite step, so that a skipped step leaves
+        the whole model as it was. Updates applied in :meth:`after_step` (banks, queues,
+        classifier rows, EMA after the step) need no entry: a skipped step never runs it.
+
+        Default: the running statistics and counters of every BatchNorm layer (key encoders'
+        included). A method that changes more in ``forward`` adds those tensors.
+        """
+        return [buffer for module in self.modules()
+                if isinstance(module, nn.modules.batchnorm._NormBase)
+                for buffer in module.buffers(recurse=False)]
