@@ -13,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from pic.collect import collect
+from pic.engine.health import diverged, first_non_finite
 from pic.engine.rundir import RunDirLocked, lock_run_dir, remove_orphans
 from pic.provenance import DatasetChanged, check_same_dataset, code_version, describe_code
 
@@ -23,6 +26,7 @@ from .helpers import ROOT
 
 HOLD = """
 import sys, time
+from pic.engine.health import diverged, first_non_finite
 from pic.engine.rundir import lock_run_dir
 with lock_run_dir(sys.argv[1]):
     print("locked", flush=True)
@@ -122,3 +126,31 @@ def test_collect_shows_data_and_code(tmp_path):
     assert columns == ["run", "data", "code", "knn_top1"]
     assert [(r["data"], r["code"]) for r in rows] == [("f00d", "0123456789"),
                                                       ("beef", "0123456789+dirty")]
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_first_non_finite_names_the_tensor():
+    ok, bad = torch.zeros(3), torch.tensor([1.0, float("inf")])
+    assert first_non_finite([("a", ok), ("steps", torch.tensor(5)), ("b", bad)]) == "b"
+    assert first_non_finite([("a", ok), ("n", torch.tensor([float("nan")]))]) == "n"
+    assert first_non_finite([("a", ok)]) is None
+
+
+def _curve(*losses: float) -> list[tuple[int, float]]:
+    return [(20 * (i + 1), loss) for i, loss in enumerate(losses)]
+
+
+def test_a_loss_that_explodes_or_falls_back_to_chance_is_divergence():
+    assert "over twice" in diverged(_curve(7.0, 6.0, 15.0, 16.0, 30.0))
+    assert "came back to 7" in diverged(_curve(7.0, 6.0, 4.0, 3.0, 6.9, 7.0, 7.0))
+
+
+def test_a_learning_noisy_or_slow_loss_is_not_divergence():
+    rng = np.random.default_rng(0)
+    learning = 7.0 * np.exp(-np.arange(50) / 20) + 1 + rng.normal(0, 0.2, 50)
+    assert diverged(_curve(*learning)) is None
+    assert diverged(_curve(7.0, 7.1, 7.05, 7.2, 7.1, 7.0)) is None  # slow start, at chance
+    assert diverged(_curve(7.0, 6.0, 4.0, 3.0, 6.9, 3.0, 7.0)) is None  # one bad window
+    assert diverged(_curve(7.0, 30.0, 30.0)) is None  # too short to tell
