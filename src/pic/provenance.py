@@ -61,9 +61,10 @@ def describe_code(record: dict[str, Any]) -> str:
 def check_same_dataset(saved: dict[str, Any], current: dict[str, Any], path: Path,
                        allow_change: bool) -> None:
     """Refuse (or, with ``allow_change``, warn) when checkpoint ``path`` was written while
-    training on another dataset. A checkpoint older than fingerprints carries none: it passes."""
+    training on another dataset. Either side without a fingerprint (a checkpoint older than
+    fingerprints, a run given none) passes."""
     before, now = saved.get("data_fingerprint"), current.get("data_fingerprint")
-    if before is None or before == now:
+    if before is None or now is None or before == now:
         return
     message = (f"{path} was trained on dataset {before}, the configured data is {now} (another "
                "data.root, or files added, removed or relabelled)")

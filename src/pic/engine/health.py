@@ -22,7 +22,8 @@ def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
 
     One host sync for all the tensors (a stack of per-tensor flags).
     """
-    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    named = [(n, t) for n, t in named
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     if not named:
         return None
     flags = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=True)
@@ -56,3 +57,33 @@ def diverged(history: Sequence[tuple[int, float]], patience: int = 3) -> str | N
         return (f"the loss fell from {start:.4g} (chance, at the start) to {best:.4g}, then came "
                 f"back to {recent[-1]:.4g} for {patience} log windows")
     return None
+
+
+class Snapshot:
+    """A copy of what a model's ``forward`` changes in place (``model.forward_state()``),
+    taken before every step and put back when the step is skipped. The copies are allocated
+    once; taking one is a single fused device copy (BatchNorm statistics: ~0.1 % of a
+    ResNet-50's parameters), issued without a host sync."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.tensors = list(model.forward_state())
+        self.copies = [t.detach().clone() for t in self.tensors]
+
+    @torch.no_grad()
+    def take(self) -> None:
+        if self.tensors:
+            torch._foreach_copy_(self.copies, self.tensors)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.tensors:
+            torch._foreach_copy_(self.tensors, self.copies)
+
+
+def watched(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the parameters and the forward state of ``model``: what must stay
+    finite between checkpoints (checked at log points; the whole state at every save)."""
+    names = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
+    forward = [(names.get(id(t), "forward state"), t) for t in model.forward_state()]
+    return [*model.named_parameters(), *forward]
