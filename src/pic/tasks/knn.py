@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ..engine.trainer import resolve_device
-from .common import eval_splits, write_results
+from .common import config_dict, eval_splits, make_logger, write_results
 from .linear import load_backbone
 
 
@@ -30,5 +30,9 @@ class KNNTask:
         results = {"knn_top1": scores["top1"], "knn_top5": scores["top5"],
                    "pretrained": str(cfg.pretrained), "k": knn.k, "temperature": knn.temperature}
         write_results(out_dir, results)
+        logger = make_logger(cfg)  # a run with the config and these metrics (job_type knn)
+        logger.start(out_dir, config_dict(cfg))
+        logger.summary(results)
+        logger.finish()
         print(f"kNN top-1 {scores['top1']:.2f}%  top-5 {scores['top5']:.2f}%  ({cfg.pretrained})")
         return results

@@ -145,14 +145,19 @@ class LinearEval:
             raise ValueError(f"task.pretrain_first=true pretrains in this run; pretrained="
                              f"{cfg.pretrained} would be ignored: drop one of the two")
         results = _pretrain(cfg, out_dir)
-        linear = self.evaluate_checkpoint(cfg, out_dir / "current.pth", out_dir / "linear")
+        # One experiment, one W&B run: the evaluation continues the pretraining's run.
+        linear = self.evaluate_checkpoint(cfg, out_dir / "current.pth", out_dir / "linear",
+                                          (results.get("run_id"), out_dir, results["steps"]))
         results.update({k: v for k, v in linear.items() if k.startswith("linear_")})
         write_results(out_dir, results)
         return results
 
-    def evaluate_checkpoint(self, cfg: DictConfig, pretrained: Path,
-                            out_dir: Path) -> dict[str, Any]:
-        """Train and evaluate a probe on ``pretrained``'s backbone; results in ``out_dir``."""
+    def evaluate_checkpoint(self, cfg: DictConfig, pretrained: Path, out_dir: Path,
+                            continued: tuple[str | None, Path, int] | None = None
+                            ) -> dict[str, Any]:
+        """Train and evaluate a probe on ``pretrained``'s backbone; results in ``out_dir``.
+        ``continued``: (run id, run dir, steps) of the pretraining whose logger run the
+        evaluation continues, under ``linear/`` names."""
         out_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         trainer = instantiate(cfg.trainer, epochs=self.epochs, batch_size=self.batch_size)
@@ -187,6 +192,8 @@ class LinearEval:
             return {f"val_{k}": v for k, v in scores.items()}
 
         logger = make_logger(cfg)
+        if continued is not None:
+            logger.continue_run(*continued, prefix="linear/")
         summary = trainer.fit(probe, train_set, sampler, optimizer,
                               Cosine(warmup_epochs=self.warmup_epochs), out_dir, logger, cfg.seed,
                               resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg))
