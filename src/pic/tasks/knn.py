@@ -8,8 +8,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ..config import config_dict
 from ..engine.trainer import resolve_device
-from .common import config_dict, eval_splits, make_logger, write_results
+from .common import eval_splits, make_logger, write_results
 from .linear import load_backbone
 
 
