@@ -27,6 +27,7 @@ from pic.engine.precision import Hardware, choose_precision
 from pic.engine.schedules import Cosine
 from pic.engine.trainer import Trainer, resolve_device
 from pic.logging.loggers import NoLogger
+from pic.models.instdisc import InstDisc
 from pic.models.pic import PIC
 from pic.run import run_task
 
@@ -218,6 +219,31 @@ def test_resume_is_exact_with_bf16_and_channels_last(tmp_path: Path) -> None:
                             strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(straight.classifier.weight, tiny_pic().classifier.weight)
+
+
+class NoisyImages(TinyImages):
+    """TinyImages with noise drawn from the global generator: an augmentation's draws."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        return item | {"crops": [item["crops"][0] + torch.rand(3, 8, 8)]}
+
+
+def test_a_run_is_identical_for_any_number_of_loader_workers(tmp_path: Path) -> None:
+    # InstDisc draws its negatives from the global generator of the main process; making the
+    # items there (0 workers) must leave that generator as worker processes do.
+    states = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = InstDisc(ConvBackbone(), N, feature_dim=8, num_negatives=4)
+        Trainer(epochs=10, batch_size=8, max_steps=6, num_workers=workers, device="cpu",
+                progress=False).fit(model, NoisyImages(N, size=8), EpochSampler(N, seed=0),
+                                    sgd(model, 8, lr=0.5), Cosine(), tmp_path / str(workers),
+                                    NoLogger(), seed=0)
+        states.append(load_checkpoint(tmp_path / str(workers) / "current.pth"))
+    for key, value in states[0]["model"].items():
+        assert torch.equal(states[1]["model"][key], value), key
+    assert torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
 
 
 # Step 0 is saved before training starts, so that a job preempted early keeps its W&B run id.
