@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from pic.engine.checkpoint import load_checkpoint
 from pic.engine.optim import sgd
 from pic.engine.precision import Hardware, choose_precision
 from pic.engine.schedules import Cosine
-from pic.engine.trainer import Trainer, resolve_device
+from pic.engine.trainer import Trainer, progress_line, resolve_device
 from pic.logging.loggers import NoLogger
 from pic.models.instdisc import InstDisc
 from pic.models.pic import PIC
@@ -283,6 +284,40 @@ def test_logged_metrics_are_window_means(tmp_path: Path) -> None:
         expected = math.fsum(losses[lo:hi]) / (hi - lo)
         assert out["loss"] == pytest.approx(expected, rel=1e-6), step
         assert out["grad_norm"] > 0 and math.isfinite(out["grad_norm"])
+
+
+def test_every_log_point_writes_one_plain_progress_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    logger = RecordingLogger()
+    with caplog.at_level(logging.INFO, logger="pic.engine.trainer"):
+        fit(tiny_pic(), tmp_path, 7, logger=logger, log_every=3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == len(logger.logged) == 4
+    pattern = (r"step (\d+)/7  epoch (\d+\.\d\d)  loss (\d+\.\d{4})  lr \S+  "
+               r"(\d+\.\d) img/s  ETA (\d+:\d\d:\d\d)")
+    for line, (step, out) in zip(lines, logger.logged, strict=True):
+        match = re.fullmatch(pattern, line)
+        assert match, line
+        assert int(match[1]) == step and float(match[2]) == pytest.approx(step / 4, abs=0.005)
+        assert float(match[3]) == pytest.approx(out["loss"], abs=5e-5)
+    assert lines[-1].endswith("ETA 0:00:00")  # nothing left after the last step
+
+
+def test_progress_line_eta_is_the_remaining_steps_at_the_window_speed() -> None:
+    out = {"epoch": 1.0, "loss": 2.0, "lr": 0.1, "images_per_s": 64.0}
+    # 100 steps of 32 images at 64 images/s: 50 s.
+    assert progress_line(out, 900, 1000, 32).endswith("64.0 img/s  ETA 0:00:50")
+    assert progress_line(out | {"images_per_s": 0.0}, 1, 2, 32).endswith("ETA ?")
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_the_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    bar = Trainer(device="cpu", progress=True)._progress_bar(0, 5)
+    assert (bar is not None) == tty
+    if bar is not None:
+        bar.close()
+    assert Trainer(device="cpu", progress=False)._progress_bar(0, 5) is None
 
 
 # ---------------------------------------------------------------------- compile, benchmark

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +29,17 @@ class NonFiniteError(RuntimeError):
 def resolve_device(device: str) -> torch.device:
     """``auto``: this process's GPU (its local rank's) if there is one, else the CPU."""
     return local_device() if device == "auto" else torch.device(device)
+
+
+def progress_line(out: dict[str, float], step: int, last_step: int, batch_size: int) -> str:
+    """One plain line for the log at a log point: step/total, epoch, loss, lr, images/s, ETA
+    (the remaining steps at this window's speed; ``batch_size`` is global)."""
+    speed = out["images_per_s"]
+    eta = (last_step - step) * batch_size / speed if speed > 0 else math.inf
+    eta_text = "?" if not math.isfinite(eta) else str(datetime.timedelta(seconds=round(eta)))
+    return (f"step {step}/{last_step}  epoch {out['epoch']:.2f}  "
+            f"loss {out.get('loss', math.nan):.4f}  lr {out['lr']:.4g}  "
+            f"{speed:.1f} img/s  ETA {eta_text}")
 
 
 class Window:
@@ -244,7 +258,8 @@ class Trainer:
             epoch_done = plan.epoch_done(state.position)
             if state.step % self.log_every == 0 or state.step == last_step or epoch_done:
                 epoch = state.step / plan.steps_per_pass
-                self._log(window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}, state, logger, bar)
+                out = window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}
+                self._log(out, state, last_step, logger, bar)
             if bar is not None:
                 bar.update(1)
             if epoch_done:
@@ -279,18 +294,22 @@ class Trainer:
                 f"The last good checkpoint {ckpt_path} is intact.")
 
     def _progress_bar(self, step: int, last_step: int) -> Any:
-        if not (self.progress and dist.is_main()):
+        """A tqdm bar on rank 0 when its stream (stderr) is a terminal: in a batch job its
+        carriage returns would make the log unreadable, and the plain lines say it all."""
+        if not (self.progress and dist.is_main() and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
 
         return tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True)
 
-    def _log(self, out: dict[str, float], state: TrainState, logger: Any, bar: Any) -> None:
+    def _log(self, out: dict[str, float], state: TrainState, last_step: int, logger: Any,
+             bar: Any) -> None:
         if not dist.is_main():
             return
         if "loss" in out:
             state.history.append((state.step, out["loss"]))
         logger.log(out, state.step)
+        log.info("%s", progress_line(out, state.step, last_step, self.batch_size))
         if bar is not None:
             bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}", lr=f"{out['lr']:.3g}",
                             img_s=f"{out['images_per_s']:.0f}")
