@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import dist
+from . import signals
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,11 @@ def run_loader(dataset: torch.utils.data.Dataset, sampler: Any, plan: Plan, epoc
                start: int, seed: int, num_workers: int,
                device: torch.device) -> torch.utils.data.DataLoader:
     """One DataLoader for the rest of the run from (``epoch``, ``start``): its workers start
-    once and keep 4 batches each in flight; batches are pinned on CUDA."""
+    once and keep 4 batches each in flight, ignoring stop signals (the trainer stops them);
+    batches are pinned on CUDA."""
     return torch.utils.data.DataLoader(
         SeededItems(dataset, seed, dist.get_rank(), dist.get_world_size()),
         sampler=RunSampler(sampler, plan, epoch, start), batch_size=plan.batch_size,
         num_workers=num_workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers else None)
+        prefetch_factor=4 if num_workers else None,
+        worker_init_fn=signals.ignore_in_worker if num_workers else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from torch import nn
 
 from .. import dist
 from ..dist.init import local_device
+from . import signals
 from .checkpoint import Checkpointer, TrainState
 from .loader import Plan, run_loader
 from .precision import PRECISIONS, Hardware, choose_precision, emulated_bf16_warning
@@ -40,6 +42,11 @@ def progress_line(out: dict[str, float], step: int, last_step: int, batch_size: 
     return (f"step {step}/{last_step}  epoch {out['epoch']:.2f}  "
             f"loss {out.get('loss', math.nan):.4f}  lr {out['lr']:.4g}  "
             f"{speed:.1f} img/s  ETA {eta_text}")
+
+
+def _stop_reason() -> str:
+    signum = signals.received()
+    return "stop request" if signum is None else signal.Signals(signum).name
 
 
 class Window:
@@ -233,23 +240,26 @@ class Trainer:
         loader = run_loader(dataset, sampler, plan, state.epoch, state.position, seed,
                             self.num_workers, self.device)
         start_step = state.step
-        lr = self._loop(net, model, optimizer, loader if state.step < last_step else [], lr_at,
-                        plan, last_step, state, ckpt, logger, epoch_end)
+        lr, stopped = self._loop(net, model, optimizer, loader if state.step < last_step else [],
+                                 lr_at, plan, last_step, state, ckpt, logger, epoch_end)
         if ckpt.saved_step != state.step:
             ckpt.save(state)
-        return self._summary(state, plan, last_step, lr, start_step)
+        return self._summary(state, plan, last_step, lr, start_step) | {
+            "stopped_by": _stop_reason() if stopped else None}
 
     def _loop(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
               loader: Any, lr_at: Callable[[int], float], plan: Plan, last_step: int,
               state: TrainState, ckpt: Checkpointer, logger: Any,
-              epoch_end: Callable[[float], dict[str, float]] | None) -> float:
-        """Per batch: step, account, log, end the epoch, checkpoint, stop. Returns the last lr."""
+              epoch_end: Callable[[float], dict[str, float]] | None) -> tuple[float, bool]:
+        """Per batch: step, account, log, end the epoch, checkpoint, stop. Returns the last lr
+        and whether a stop request ended the loop."""
         bar = self._progress_bar(state.step, last_step)
         model.train()
-        window, clock, lr = Window(), time.perf_counter(), lr_at(state.step)
+        window, clock, lr, stop = Window(), time.perf_counter(), lr_at(state.step), False
         self._consecutive_bad = 0
         for batch in loader:
             lr = lr_at(state.step)
+            stop_vote = self._start_stop_vote()
             finite, grad_norm, metrics = self.train_step(net, model, optimizer, batch, lr)
             self._count_step(state, finite, lr, ckpt.path)
             state.position += plan.batch_size
@@ -264,9 +274,7 @@ class Trainer:
                 bar.update(1)
             if epoch_done:
                 self._end_epoch(state, plan, logger, epoch_end)
-            # A stop request counts once every rank has seen it (checked at log points, where
-            # the ranks synchronise anyway), so all of them save and leave at the same step.
-            stop = state.step % self.log_every == 0 and self._any_rank(self.stop_requested)
+            stop = stop_vote()
             if state.step % self.checkpoint_every == 0 or stop:
                 clock = self._checkpoint(ckpt, state, clock)
             if state.step >= last_step or stop:
@@ -274,7 +282,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         state.train_time += time.perf_counter() - clock
-        return lr
+        return lr, stop
 
     def _count_step(self, state: TrainState, finite: bool, lr: float, ckpt_path: Path) -> None:
         """Account a step taken or skipped; too many skipped in a row end the run."""
@@ -330,8 +338,23 @@ class Trainer:
         ckpt.save(state)
         return time.perf_counter()
 
-    def _any_rank(self, flag: bool) -> bool:
-        return bool(dist.all_reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
+    def _stop_wanted(self) -> bool:
+        return self.stop_requested or signals.received() is not None
+
+    def _start_stop_vote(self) -> Callable[[], bool]:
+        """Whether any rank was asked to stop (``stop_requested``, or a stop signal), so that
+        every rank saves and leaves after the same step: the vote starts before the step and
+        its result is read after it (the call returned).
+
+        In one process the call reads the flag after the step. In a process group the vote is
+        one all-reduce of a scalar, overlapping the step; a request that comes during the step
+        counts from the next one. Cost: bench/stop_check.py.
+        """
+        if not dist.is_dist():
+            return self._stop_wanted
+        votes = torch.tensor([float(self._stop_wanted())], device=self.device)
+        result = dist.all_reduce_sum_async(votes)
+        return lambda: bool(result().item() > 0)
 
     def _summary(self, state: TrainState, plan: Plan, last_step: int, lr: float,
                  start_step: int) -> dict[str, Any]:
