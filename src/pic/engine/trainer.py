@@ -24,6 +24,7 @@ from .precision import PRECISIONS, Hardware, choose_precision, emulated_bf16_war
 
 log = logging.getLogger(__name__)
 
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
