@@ -14,9 +14,9 @@ from torch import nn
 
 from pic.data.samplers import EpochSampler
 from pic.engine.checkpoint import load_checkpoint
+from pic.engine.health import DivergenceError
 from pic.engine.optim import sgd
 from pic.engine.schedules import Cosine
-from pic.engine.health import DivergenceError
 from pic.engine.trainer import NonFiniteError, Trainer
 from pic.logging.loggers import NoLogger
 from pic.losses import instance_classification_loss

@@ -19,7 +19,7 @@ import torch
 
 from pic.collect import collect
 from pic.engine.health import diverged, first_non_finite
-from pic.engine.rundir import RunDirLocked, lock_run_dir, remove_orphans
+from pic.engine.rundir import RunDirLocked, lock_run_dir, use_run_dir
 from pic.provenance import DatasetChanged, check_same_dataset, code_version, describe_code
 
 from .helpers import ROOT
@@ -78,11 +78,26 @@ def test_the_lock_is_released_after_the_run(tmp_path):
 
 
 def test_orphaned_temporaries_are_removed_and_nothing_else(tmp_path):
-    for name in (".current.pth.abc123", ".current.pth.x", "current.pth", ".hydra", "other.pth"):
+    names = (".current.pth.abc123.partial", ".results.json.x.partial", "current.pth", ".hydra",
+             "other.pth", ".current.pth.unrelated")
+    for name in names:
         (tmp_path / name).write_bytes(b"x")
-    removed = remove_orphans(tmp_path, "current.pth")
-    assert sorted(p.name for p in removed) == [".current.pth.abc123", ".current.pth.x"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "current.pth", "other.pth"]
+    with use_run_dir(tmp_path):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".current.pth.unrelated", ".hydra", "current.pth", "other.pth", "run.lock"]
+
+
+def test_a_write_killed_midway_leaves_a_temporary_that_start_up_removes(tmp_path):
+    code = ("import os, sys; from pic.engine.checkpoint import atomic_write\n"
+            "def write(f):\n    f.write(b'x' * 1000); f.flush(); os.kill(os.getpid(), 9)\n"
+            "atomic_write(sys.argv[1], write)\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "current.pth")], check=False)
+    orphans = [p.name for p in tmp_path.iterdir()]
+    assert len(orphans) == 1 and orphans[0].startswith(".current.pth.")
+    with use_run_dir(tmp_path):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
 
 
 # ---------------------------------------------------------------- provenance

@@ -11,6 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import dist
+from .config import check_config
+from .engine.rundir import use_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ def run(cfg: DictConfig) -> Any:
     # Resolve now (${hydra:...}, ${now:...}, cross-references) so that the config means the same
     # in every process and job it is sent to.
     OmegaConf.resolve(cfg)
+    check_config(cfg)  # values in their declared ranges, before anything starts
     return instantiate(cfg.cluster).launch(cfg, run_task)
 
 
@@ -31,6 +34,7 @@ def run_task(cfg: DictConfig) -> Any:
     """Run the task in this process (one rank of the job when distributed)."""
     out_dir = Path(cfg.output_dir or Path.cwd())
     out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        OmegaConf.save(cfg, out_dir / "config.yaml")
-    return instantiate(cfg.task).run(cfg, out_dir)
+    with use_run_dir(out_dir):  # one run per directory: a second one stops here
+        if dist.is_main():
+            OmegaConf.save(cfg, out_dir / "config.yaml")
+        return instantiate(cfg.task).run(cfg, out_dir)

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ..engine.trainer import resolve_device
+from ..provenance import provenance
 from .common import eval_splits, write_results
 from .linear import load_backbone
 
@@ -28,7 +29,8 @@ class KNNTask:
         scores = knn.evaluate(backbone.to(self.device), bank_set, val_set, data.num_classes,
                               self.device, self.num_workers)
         results = {"knn_top1": scores["top1"], "knn_top5": scores["top5"],
-                   "pretrained": str(cfg.pretrained), "k": knn.k, "temperature": knn.temperature}
+                   "pretrained": str(cfg.pretrained), "k": knn.k, "temperature": knn.temperature,
+                   **provenance(bank_set)}
         write_results(out_dir, results)
         print(f"kNN top-1 {scores['top1']:.2f}%  top-5 {scores['top5']:.2f}%  ({cfg.pretrained})")
         return results
