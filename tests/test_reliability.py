@@ -302,7 +302,7 @@ def test_a_second_launch_in_a_busy_run_directory_stops_at_once(tmp_path):
 @pytest.mark.slow
 def test_probe_lr_1e30_keeps_the_last_good_checkpoint_finite(tmp_path):
     out = launch(tmp_path, "optimizer.lr=1e30", "trainer.max_steps=30",
-                 "trainer.checkpoint_every=5")
+                 "trainer.checkpoint_every=5", "trainer.batch_size=64")  # 64: a cheaper step
     assert out.returncode != 0 and "NonFiniteError" in out.stderr
     ckpt = load_checkpoint(tmp_path / "current.pth")  # refuses any NaN/inf tensor
     steps = ckpt["state"]["step"]
@@ -313,7 +313,7 @@ def test_probe_lr_1e30_keeps_the_last_good_checkpoint_finite(tmp_path):
 
 @pytest.mark.slow
 def test_probe_lr_1e6_divergence_stops_naming_the_step(tmp_path):
-    out = launch(tmp_path, "optimizer.lr=1e6", "trainer.max_steps=60")
+    out = launch(tmp_path, "optimizer.lr=1e6", "trainer.max_steps=60", "trainer.batch_size=64")
     assert out.returncode != 0
     assert re.search(r"DivergenceError: training diverged at step \d+: \S+ holds NaN or inf",
                      out.stderr), out.stderr[-2000:]
