@@ -11,6 +11,7 @@ the owner's pid, host and start time, read back to tell a second run who is ther
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -65,7 +66,13 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                # A file system without locks (an NFS mount without lockd): run, but say so.
+                log.warning("cannot lock %s (%s): a second run in this directory would not be "
+                            "stopped", path, err)
+                yield path
+                return
             raise RunDirLocked(f"{path.parent} is in use by another run ({_holder(fd)}); wait for "
                                "it to end or choose another hydra.run.dir") from None
         owner = {"pid": os.getpid(), "host": socket.gethostname(),
