@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from ..config import config_dict
 from ..engine.trainer import resolve_device
+from ..provenance import provenance
 from .common import eval_splits, make_logger, write_results
 from .linear import load_backbone
 
@@ -29,7 +30,8 @@ class KNNTask:
         scores = knn.evaluate(backbone.to(self.device), bank_set, val_set, data.num_classes,
                               self.device, self.num_workers)
         results = {"knn_top1": scores["top1"], "knn_top5": scores["top5"],
-                   "pretrained": str(cfg.pretrained), "k": knn.k, "temperature": knn.temperature}
+                   "pretrained": str(cfg.pretrained), "k": knn.k, "temperature": knn.temperature,
+                   **provenance(bank_set)}
         write_results(out_dir, results)
         logger = make_logger(cfg)  # a run with the config and these metrics (job_type knn)
         logger.start(out_dir, config_dict(cfg))

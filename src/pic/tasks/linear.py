@@ -32,6 +32,7 @@ from ..engine.checkpoint import atomic_write_text, backbone_state, load_checkpoi
 from ..engine.optim import sgd
 from ..engine.schedules import Cosine
 from ..models.base import Trainable
+from ..provenance import provenance
 from .common import eval_splits, make_logger, train_sampler, write_results
 
 log = logging.getLogger(__name__)
@@ -196,9 +197,11 @@ class LinearEval:
         logger = make_logger(cfg)
         if continued is not None:
             logger.continue_run(*continued, prefix="linear/")
+        origin = provenance(train_set)
         summary = trainer.fit(probe, train_set, sampler, optimizer,
                               Cosine(warmup_epochs=self.warmup_epochs), out_dir, logger, cfg.seed,
-                              resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg))
+                              resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg),
+                              provenance=origin, allow_dataset_change=cfg.allow_dataset_change)
         if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
             return summary
         if summary["epochs"] not in history:  # stopped between epochs (max_steps, preemption)
@@ -209,7 +212,7 @@ class LinearEval:
             "linear_top1": rows[-1]["top1"], "linear_top5": rows[-1]["top5"],
             "linear_best_top1": best["top1"], "linear_best_top5": best["top5"],
             "linear_best_epoch": best["epoch"], "linear_history": rows,
-            "pretrained": str(pretrained), "bn_train_mode": self.bn_train_mode,
+            "pretrained": str(pretrained), "bn_train_mode": self.bn_train_mode, **origin,
             **{k: v for k, v in summary.items() if k != "loss_history"},
         }
         logger.summary({k: v for k, v in results.items() if k != "linear_history"})

@@ -16,6 +16,7 @@ from .. import dist
 from ..config import config_dict
 from ..engine.checkpoint import atomic_write_text, seed_everything
 from ..engine.knn import extract_features
+from ..provenance import provenance
 from .common import eval_splits, make_logger, train_sampler, write_results
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,17 @@ class Pretrain:
             return {f"knn_{k}": v for k, v in scores.items()}
 
         logger = make_logger(cfg)
+        origin = provenance(train_set)
         summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
                               out_dir, logger, cfg.seed, resume=cfg.auto_resume,
-                              epoch_end=epoch_end, config=config_dict(cfg))
+                              epoch_end=epoch_end, config=config_dict(cfg), provenance=origin,
+                              allow_dataset_change=cfg.allow_dataset_change)
         if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
             return summary
         results: dict[str, Any] = {k: v for k, v in summary.items() if k != "loss_history"}
         final = knn_eval()
         results.update(knn_top1=final["top1"], knn_top5=final["top5"], method=cfg.model._target_,
-                       num_instances=len(train_set), world_size=world,
+                       num_instances=len(train_set), world_size=world, **origin,
                        knn_history=sorted(knn_history, key=lambda h: h["epoch"]))
         if random_path.is_file():
             baseline = json.loads(random_path.read_text())
