@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 120
 # Requeue to restart takes ~15 s with the cluster's cred_expire=10 and sched_interval=2.
 REQUEUE_TIMEOUT_S = 150
+# The task's defaults stay on (kNN at random init, the summary plot, progress lines): a default
+# that crashes a multi-process run must crash these tests.
 TRAIN = ["backbone.widths=[8,16,32]", "trainer.batch_size=64", "trainer.num_workers=0",
-         "trainer.progress=false", "task.knn_random_init=false", "task.plot=false", "eval.k=5",
-         "logger=none"]
+         "eval.k=5", "logger=none"]
 
 
 def launch(partition: str, *overrides: str, multirun: bool = False,
@@ -78,6 +79,7 @@ def test_two_task_job_trains_and_writes_results(slurm_cluster, tmp_path):
     assert "kNN top-1" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 3 and results["completed"]
+    assert "knn_top1_random_init" in results and (tmp_path / "summary.png").is_file()
     assert accounting_states(record["job_id"]) == ["COMPLETED"]
 
 
