@@ -19,6 +19,8 @@ from pic.models.simclr import SimCLR
 from pic.networks.resnet import TinyResNet
 from pic.networks.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
+from .helpers import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -116,7 +118,7 @@ def test_instdisc_bank_update_after_step_only() -> None:
     model([x], index)
     assert torch.equal(model.bank, before)  # forward alone (a skipped step) changes nothing
     feats = model.encoder([x])[0].detach().double()
-    model.after_step(0.1)
+    model.after_step()
     for b, i in enumerate(index.tolist()):
         f = unit(feats[b].tolist())
         row = unit([0.5 * m + 0.5 * v for m, v in zip(before[i].tolist(), f, strict=True)])
@@ -174,14 +176,14 @@ def test_moco_enqueue_and_momentum_update_after_step() -> None:
         for p in model.encoder.parameters():
             p.add_(1.0)  # stands in for the optimizer step
     old_keys = [k.clone() for k in model.key_encoder.parameters()]
-    model.after_step(0.1)
+    model.after_step()
     torch.testing.assert_close(model.queue[:4], keys)
     assert torch.equal(model.queue[4:], queue[4:]) and model.queue_ptr.item() == 4
     for q, k, old in zip(model.encoder.parameters(), model.key_encoder.parameters(), old_keys,
                          strict=True):
         torch.testing.assert_close(k.double(), 0.9 * old.double() + 0.1 * q.double())
     model([images(4, 2), images(4, 3)], torch.arange(4))
-    model.after_step(0.1)
+    model.after_step()
     assert model.queue_ptr.item() == 0  # wrapped around
 
 
@@ -256,6 +258,44 @@ def test_syncbn_conversion_keeps_state_and_is_plain_bn_in_one_process() -> None:
     x = images(6, 1)
     torch.testing.assert_close(converted(x), net(x))
     torch.testing.assert_close(converted.state_dict(), net.state_dict())
+
+
+# ----------------------------------------------------------------- each option, one recipe
+# model option: (augmentation's pipeline, views per image, schedule) of that method's paper.
+RECIPES = {
+    "pic": ("pic.data.transforms.simclr", 1, "pic.engine.schedules.Cosine"),
+    "instdisc": ("pic.data.transforms.instdisc", 1, "pic.engine.schedules.Cosine"),
+    "moco": ("pic.data.transforms.instdisc", 2, "pic.engine.schedules.Step"),
+    "mocov2": ("pic.data.transforms.mocov2", 2, "pic.engine.schedules.Cosine"),
+    "simclr": ("pic.data.transforms.simclr", 2, "pic.engine.schedules.Cosine"),
+}
+
+
+def views_of(cfg) -> list[int]:
+    """Crop sizes the composed augmentation makes of one image."""
+    from hydra.utils import instantiate
+    from PIL import Image
+    return [v.shape[-1] for v in instantiate(cfg.augmentation)(Image.new("RGB", (40, 40)))]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_model_option_selects_its_papers_augmentation(name: str) -> None:
+    """PIC: one view per image per iteration (the paper's "1x"); MoCo v1: two InstDisc views."""
+    target, views, schedule = RECIPES[name]
+    cfg = compose_config(f"model={name}")
+    assert (cfg.augmentation._target_, cfg.schedule._target_) == (target, schedule)
+    assert views_of(cfg) == [cfg.data.image_size] * views
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_model_option_leaves_the_augmentation_choice_free(name: str) -> None:
+    """A model option sets only model keys and default choices: any augmentation and view
+    count chosen on the command line is what the run gets (PIC with 2 views, any with
+    multi-crop)."""
+    two = compose_config(f"model={name}", "augmentation=simclr", "augmentation.num_views=3")
+    assert views_of(two) == [two.data.image_size] * 3
+    crops = compose_config(f"model={name}", "augmentation=multicrop")
+    assert views_of(crops) == [160, 96, 96, 96]
 
 
 # ---------------------------------------------------------------------------------- end to end

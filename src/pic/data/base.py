@@ -9,20 +9,38 @@ PIC / the bank row of InstDisc), ``label`` (the class, for evaluation only) and 
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
+from ..bounds import Positive
 from .decode import UnreadableImage
 
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], list[torch.Tensor]]
+
+
+def digest(*parts: object) -> str:
+    """Short sha256 (16 hex digits) of bytes, strings, lists of strings and integer arrays."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, bytes):
+            data = part
+        elif isinstance(part, list) and all(isinstance(p, str) for p in part):
+            data = "\n".join(part).encode("utf-8", "surrogateescape")
+        elif isinstance(part, str):
+            data = part.encode("utf-8", "surrogateescape")
+        else:
+            data = np.ascontiguousarray(np.asarray(part, dtype=np.int64)).tobytes()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()[:16]
 
 
 class InstanceDataset(torch.utils.data.Dataset, ABC):
@@ -56,6 +74,13 @@ class InstanceDataset(torch.utils.data.Dataset, ABC):
     def describe(self, index: int) -> str:
         """Where image ``index`` comes from (a path), for error messages."""
         return f"{type(self).__name__}[{index}]"
+
+    def fingerprint(self) -> str:
+        """A digest of what the dataset is (its items' names and labels, no pixels), stored in
+        checkpoints and results so that runs on different data are never mixed silently.
+        Datasets with a cheaper or more telling listing override it."""
+        return digest([self.describe(i) for i in range(len(self))],
+                      [self.label(i) for i in range(len(self))])
 
     def _candidates(self, index: int) -> Iterator[int]:
         """index, then the replacements to try in order; lazy: an item rarely needs one."""
@@ -95,69 +120,24 @@ class InstanceDataset(torch.utils.data.Dataset, ABC):
                            f"{self.describe(index)} on: the dataset is broken")
 
 
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
 class ImageData(ABC):
-    """Factory of the two splits; holds what transforms need to know about the images."""
+    """Factory of the two splits; holds what transforms need to know about the images: the
+    training crop size and ``mean``/``std`` (RGB, 0–1 scale) for normalising crops, ImageNet's
+    statistics by default."""
 
     num_classes: int
-    image_size: int
-    mean: list[float]
-    std: list[float]
+
+    def __init__(self, image_size: Annotated[int, Positive] = 224,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
+        self.image_size = image_size
+        self.mean = list(mean) if mean is not None else IMAGENET_MEAN
+        self.std = list(std) if std is not None else IMAGENET_STD
 
     @abstractmethod
     def build(self, split: str, transform: Transform, rank: int = 0,
               world_size: int = 1) -> InstanceDataset:
         """The ``train`` or ``val`` split; validates its files now (errors name file and line)."""
-
-
-class SeededItems(torch.utils.data.Dataset):
-    """Reseeds the random generators from (seed, epoch, global position) before each item.
-
-    The random augmentation of a sample is then a function of those numbers alone: independent
-    of the number of loader workers, identical after a resume, and — since rank r's p-th sample
-    is the global window's (p·world + r)-th — the same for any number of processes.
-    Indices come from :class:`RunSampler` as ``(epoch, position, index)``.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.dataset = dataset
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        epoch, position, index = key
-        global_position = position * self.world_size + self.rank
-        item_seed = hash((self.seed, epoch, global_position)) & 0x7FFF_FFFF_FFFF
-        torch.manual_seed(item_seed)
-        random.seed(item_seed)
-        return self.dataset[index]
-
-
-class RunSampler(torch.utils.data.Sampler):
-    """All the indices of a run, epoch after epoch, tagged ``(epoch, position, index)``.
-
-    One loader serves the whole run (workers and prefetching carry across epochs). Each epoch
-    is cut to a whole number of per-rank batches, so no batch straddles two epochs, and the run
-    starts at (``epoch``, ``start``) — a mid-epoch resume.
-    """
-
-    def __init__(self, sampler: Any, batch_size: int, epoch: int, start: int,
-                 num_epochs: int) -> None:
-        self.sampler, self.batch_size = sampler, batch_size
-        self.epoch, self.start, self.num_epochs = epoch, start, num_epochs
-        self.epoch_len = len(sampler) // batch_size * batch_size
-
-    def __len__(self) -> int:
-        return max(0, (self.num_epochs - self.epoch) * self.epoch_len - self.start)
-
-    def __iter__(self):
-        start = self.start
-        for epoch in range(self.epoch, self.num_epochs):
-            self.sampler.set_epoch(epoch, start)
-            for position, index in enumerate(self.sampler, start):
-                if position >= self.epoch_len:
-                    break
-                yield (epoch, position, int(index))
-            start = 0

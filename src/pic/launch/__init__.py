@@ -12,14 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 Run = Callable[[DictConfig], Any]
-
-
-def resolved(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg`` as plain containers, every interpolation resolved (picklable, self-contained)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def configure_logging(rank: int) -> None:

@@ -11,8 +11,9 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import config_dict
 from ..dist.init import init_distributed
-from . import Run, configure_logging, resolved
+from . import Run, configure_logging
 
 
 def _free_port() -> int:
@@ -66,7 +67,7 @@ class Local:
         ctx = mp.get_context("spawn")
         results = ctx.SimpleQueue()
         procs = mp.start_processes(_local_worker, nprocs=nproc, join=False, start_method="spawn",
-                                   args=(nproc, _free_port(), resolved(cfg), run, results))
+                                   args=(nproc, _free_port(), config_dict(cfg), run, results))
         result = None
         # Read while waiting: a result larger than a pipe's buffer would block its writer.
         while not procs.join(timeout=0.5):

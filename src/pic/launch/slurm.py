@@ -13,8 +13,9 @@ from typing import Any
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import config_dict
 from ..dist.init import init_distributed
-from . import Run, configure_logging, resolved
+from . import Run, configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Slurm:
         executor = submitit.SlurmExecutor(folder=run_dir / "slurm",
                                           max_num_timeout=self.max_requeue)
         executor.update_parameters(**self.sbatch_parameters(str(cfg.get("name", "pic"))))
-        job = executor.submit(SlurmJob(resolved(cfg), run, self.max_requeue))
+        job = executor.submit(SlurmJob(config_dict(cfg), run, self.max_requeue))
         manifest_dir, overrides = _hydra_context(run_dir)
         record = {"job_id": job.job_id, "run_dir": str(run_dir), "overrides": overrides,
                   "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}

@@ -8,8 +8,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ..config import config_dict
 from ..engine.trainer import resolve_device
-from .common import eval_splits, write_results
+from .common import eval_splits, make_logger, write_results
 from .linear import load_backbone
 
 
@@ -23,12 +24,16 @@ class KNNTask:
             raise ValueError("task=knn needs pretrained=PATH (a current.pth of a pretraining run)")
         backbone = load_backbone(instantiate(cfg.backbone), cfg.pretrained)
         data = instantiate(cfg.data)
-        bank_set, val_set = eval_splits(cfg, data)
+        bank_set, val_set = eval_splits(data)
         knn = instantiate(cfg.eval)
         scores = knn.evaluate(backbone.to(self.device), bank_set, val_set, data.num_classes,
                               self.device, self.num_workers)
         results = {"knn_top1": scores["top1"], "knn_top5": scores["top5"],
                    "pretrained": str(cfg.pretrained), "k": knn.k, "temperature": knn.temperature}
         write_results(out_dir, results)
+        logger = make_logger(cfg)  # a run with the config and these metrics (job_type knn)
+        logger.start(out_dir, config_dict(cfg))
+        logger.summary(results)
+        logger.finish()
         print(f"kNN top-1 {scores['top1']:.2f}%  top-5 {scores['top5']:.2f}%  ({cfg.pretrained})")
         return results
