@@ -113,23 +113,47 @@ def test_preempted_job_requeues_and_ends_with_uninterrupted_weights(slurm_cluste
         assert torch.equal(final[name], weight), name
 
 
-def test_sweep_submits_every_point_and_writes_a_manifest(slurm_cluster, tmp_path):
-    proc = launch(slurm_cluster.partition, "model.temperature=0.1,0.2", "trainer.max_steps=2",
-                  "cluster.nproc_per_node=1", f"hydra.sweep.dir={tmp_path}",
+def array_runs(array_id: str) -> list[tuple[str, str]]:
+    """(start, end) of every run of a job array's tasks, requeued ones too, from accounting
+    (ISO times: they sort as text), in order."""
+    out = subprocess.run(["sacct", "-j", array_id, "-X", "-D", "-n", "-P", "-o", "Start,End"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return sorted(tuple(line.split("|")) for line in out.splitlines())
+
+
+def test_sweep_is_one_job_array_whose_tasks_requeue_on_their_own(slurm_cluster, tmp_path):
+    proc = launch(slurm_cluster.partition, "model.temperature=0.1,0.2", "trainer.max_steps=8",
+                  "trainer.checkpoint_every=2", "cluster.nproc_per_node=1",
+                  "cluster.array_parallelism=1", f"hydra.sweep.dir={tmp_path}",
                   # The default subdir (every override) would pass the 255-byte name limit here.
                   "hydra.sweep.subdir=${hydra.job.num}", multirun=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = manifest(tmp_path)
-    assert len(records) == 2 and len({r["job_id"] for r in records}) == 2
+    # One sbatch: the points are the tasks 0 and 1 of one array.
+    array_id = records[0]["job_id"].split("_")[0]
+    assert [r["job_id"] for r in records] == [f"{array_id}_0", f"{array_id}_1"]
     assert ["model.temperature=0.1" in records[0]["overrides"],
             "model.temperature=0.2" in records[1]["overrides"]] == [True, True]
+    # Preempt the first point alone, once it is training.
+    first, second = (Path(r["run_dir"]) for r in records)
+    wait_for(lambda: read_step(first / "current.pth") >= 2, records[0], JOB_TIMEOUT_S,
+             "first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", records[0]["job_id"]], timeout=30, check=True)
     for record in records:
         path = Path(record["run_dir"]) / "results.json"
-        wait_for(path.is_file, record, JOB_TIMEOUT_S, "results.json")
-        assert accounting_states(record["job_id"]) == ["COMPLETED"]
-    # Each job ran its own point (the config the task saved in its run directory).
-    assert [OmegaConf.load(Path(r["run_dir"]) / "config.yaml").model.temperature
-            for r in records] == [0.1, 0.2]
+        wait_for(path.is_file, record, JOB_TIMEOUT_S + REQUEUE_TIMEOUT_S, "results.json")
+    assert accounting_states(records[0]["job_id"]) == ["REQUEUED", "COMPLETED"]
+    assert accounting_states(records[1]["job_id"]) == ["COMPLETED"]
+    resumed, untouched = (json.loads((d / "results.json").read_text()) for d in (first, second))
+    assert resumed["steps"] == 8 and resumed["steps_this_attempt"] < 8
+    assert untouched["steps"] == untouched["steps_this_attempt"] == 8
+    # Each task ran its own point (the config the task saved in its run directory)...
+    assert [OmegaConf.load(d / "config.yaml").model.temperature for d in (first, second)] == [
+        0.1, 0.2]
+    # ...and array_parallelism=1 let one task run at a time: no two runs overlap.
+    runs = array_runs(array_id)
+    assert len(runs) == 3  # the preempted task twice
+    assert all(end <= start for (_, end), (start, _) in zip(runs, runs[1:], strict=False))
 
 
 def test_failing_job_is_not_requeued_and_says_why(slurm_cluster, tmp_path):
