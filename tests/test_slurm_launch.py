@@ -18,11 +18,12 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.slurm.cluster import accounting_states
+from tests.slurm.recording import write_conf
 
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 240  # start-up, kNN at random init, a few steps: ~1 min on an idle 2-core machine
 # Requeue to restart takes ~15 s with the cluster's cred_expire=10 and sched_interval=2.
 REQUEUE_TIMEOUT_S = 150
 # The task's defaults stay on (kNN at random init, the summary plot, progress lines): a default
@@ -83,12 +84,25 @@ def test_two_task_job_trains_and_writes_results(slurm_cluster, tmp_path):
     assert accounting_states(record["job_id"]) == ["COMPLETED"]
 
 
-def test_preempted_job_requeues_and_ends_with_uninterrupted_weights(slurm_cluster, tmp_path):
-    common = ["trainer.max_steps=12", "trainer.checkpoint_every=2", "logger=wandb"]
-    # Both jobs run side by side: the reference and the one that is preempted.
-    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "preempted"
-    for run_dir in (ref_dir, pre_dir):
-        proc = launch(slurm_cluster.partition, f"hydra.run.dir={run_dir}", *common)
+def rank_records(run_dir: Path, attempt: int) -> list[dict]:
+    """What tests/slurm/recording.py saw in each rank of one attempt, rank order."""
+    paths = sorted((run_dir / "ranks").glob(f"attempt-{attempt}-rank-*.json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def test_two_node_job_is_one_group_and_requeues_to_uninterrupted_weights(slurm_cluster,
+                                                                           tmp_path):
+    """2 nodes × 1 task, preempted and requeued, against 1 node × 2 tasks left alone: the same
+    two ranks, hence the same weights."""
+    conf = tmp_path / "conf"
+    write_conf(conf)
+    common = [f"hydra.searchpath=[file://{conf}]", "task=recording", "trainer.max_steps=12",
+              "trainer.checkpoint_every=2", "logger=wandb"]
+    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "two_nodes"
+    # Both jobs run side by side, each on both emulated nodes' cores.
+    for run_dir, layout in ((ref_dir, []), (pre_dir, ["cluster.nodes=2",
+                                                      "cluster.nproc_per_node=1"])):
+        proc = launch(slurm_cluster.partition, f"hydra.run.dir={run_dir}", *common, *layout)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     (ref,), (pre,) = manifest(ref_dir), manifest(pre_dir)
 
@@ -102,10 +116,31 @@ def test_preempted_job_requeues_and_ends_with_uninterrupted_weights(slurm_cluste
     assert accounting_states(pre["job_id"]) == ["REQUEUED", "COMPLETED"], (
         "the job was not preempted while training (it finished first?)")
     assert accounting_states(ref["job_id"]) == ["COMPLETED"]
+
+    for attempt in (0, 1):
+        ranks = rank_records(pre_dir, attempt)
+        # One process group over both nodes: ranks 0 and 1, one per node, one rendezvous on the
+        # first node (its name resolves), the SLURM job's.
+        assert [(r["RANK"], r["WORLD_SIZE"], r["LOCAL_RANK"], r["SLURM_NODEID"])
+                for r in ranks] == [("0", "2", "0", "0"), ("1", "2", "0", "1")]
+        assert len({r["SLURMD_NODENAME"] for r in ranks}) == 2
+        assert {r["MASTER_ADDR"] for r in ranks} == {ranks[0]["SLURMD_NODENAME"]}
+        assert len({r["MASTER_PORT"] for r in ranks}) == 1
+        assert {r["SLURM_JOB_ID"] for r in ranks} == {pre["job_id"]}
+        # Each step: half the global batch per rank, disjoint halves. (A preempted rank may
+        # stop one step before the other: the steps both ran.)
+        assert len(ranks[0]["steps"]) > 0 and len(ranks[1]["steps"]) > 0
+        for mine, theirs in zip(ranks[0]["steps"], ranks[1]["steps"], strict=attempt == 1):
+            assert len(mine) == len(theirs) == 32 and not set(mine) & set(theirs)
+        # The checkpoint is written by rank 0 alone.
+        assert ranks[0]["saves"] > 0 and ranks[1]["saves"] == 0
+    # The requeued attempt resumed where the first one's checkpoint was: together they ran the
+    # 12 steps once each (the ones after that checkpoint twice at most).
+    first, second = (rank_records(pre_dir, a)[0]["steps"] for a in (0, 1))
     results = json.loads((pre_dir / "results.json").read_text())
-    # The second attempt resumed: it ran fewer than all 12 steps, under the same W&B run.
-    assert results["steps"] == 12 and results["steps_this_attempt"] < 12
-    assert run_id is not None and results["run_id"] == run_id
+    assert results["world_size"] == 2 and results["steps"] == 12
+    assert results["steps_this_attempt"] == len(second) < 12 <= len(first) + len(second)
+    assert run_id is not None and results["run_id"] == run_id  # the same W&B run
     final = torch.load(pre_dir / "current.pth", weights_only=False)["model"]
     reference = torch.load(ref_dir / "current.pth", weights_only=False)["model"]
     assert final.keys() == reference.keys()
