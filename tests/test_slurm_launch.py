@@ -62,13 +62,6 @@ def wait_for(predicate, record: dict, timeout_s: float, what: str) -> None:
         time.sleep(0.3)
 
 
-def read_step(path: Path) -> int:
-    try:
-        return torch.load(path, weights_only=False)["state"]["step"]
-    except (FileNotFoundError, EOFError, RuntimeError):
-        return -1
-
-
 def test_two_task_job_trains_and_writes_results(slurm_cluster, tmp_path):
     proc = launch(slurm_cluster.partition, f"hydra.run.dir={tmp_path}", "trainer.max_steps=3",
                   "cluster.wait=true", timeout_s=JOB_TIMEOUT_S)
@@ -84,6 +77,14 @@ def test_two_task_job_trains_and_writes_results(slurm_cluster, tmp_path):
     assert accounting_states(record["job_id"]) == ["COMPLETED"]
 
 
+def steps_done(run_dir: Path, attempt: int = 0) -> int:
+    """Steps rank 0 has finished in this attempt (tests/slurm/recording.py), -1 before any."""
+    try:
+        return int((run_dir / "ranks" / f"attempt-{attempt}-rank-0.steps").read_text())
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
 def rank_records(run_dir: Path, attempt: int) -> list[dict]:
     """What tests/slurm/recording.py saw in each rank of one attempt, rank order."""
     paths = sorted((run_dir / "ranks").glob(f"attempt-{attempt}-rank-*.json"))
@@ -92,12 +93,13 @@ def rank_records(run_dir: Path, attempt: int) -> list[dict]:
 
 def test_two_node_job_is_one_group_and_requeues_to_uninterrupted_weights(slurm_cluster,
                                                                            tmp_path):
-    """2 nodes × 1 task, preempted and requeued, against 1 node × 2 tasks left alone: the same
-    two ranks, hence the same weights."""
+    """2 nodes × 1 task, preempted (USR2: submitit's pre-timeout signal) and requeued, against
+    1 node × 2 tasks left alone: the same two ranks, hence the same weights. No periodic
+    checkpoint after step 0: the job must checkpoint the step it was signalled at."""
     conf = tmp_path / "conf"
     write_conf(conf)
     common = [f"hydra.searchpath=[file://{conf}]", "task=recording", "trainer.max_steps=12",
-              "trainer.checkpoint_every=2", "logger=wandb"]
+              "trainer.checkpoint_every=1000", "logger=wandb"]
     ref_dir, pre_dir = tmp_path / "reference", tmp_path / "two_nodes"
     # Both jobs run side by side, each on both emulated nodes' cores.
     for run_dir, layout in ((ref_dir, []), (pre_dir, ["cluster.nodes=2",
@@ -106,8 +108,7 @@ def test_two_node_job_is_one_group_and_requeues_to_uninterrupted_weights(slurm_c
         assert proc.returncode == 0, proc.stdout + proc.stderr
     (ref,), (pre,) = manifest(ref_dir), manifest(pre_dir)
 
-    wait_for(lambda: read_step(pre_dir / "current.pth") >= 2, pre, JOB_TIMEOUT_S,
-             "first checkpoint")
+    wait_for(lambda: steps_done(pre_dir) >= 2, pre, JOB_TIMEOUT_S, "training steps")
     run_id = torch.load(pre_dir / "current.pth", weights_only=False)["state"]["run_id"]
     subprocess.run(["scancel", "--signal=USR2", pre["job_id"]], timeout=30, check=True)
 
@@ -127,19 +128,18 @@ def test_two_node_job_is_one_group_and_requeues_to_uninterrupted_weights(slurm_c
         assert {r["MASTER_ADDR"] for r in ranks} == {ranks[0]["SLURMD_NODENAME"]}
         assert len({r["MASTER_PORT"] for r in ranks}) == 1
         assert {r["SLURM_JOB_ID"] for r in ranks} == {pre["job_id"]}
-        # Each step: half the global batch per rank, disjoint halves. (A preempted rank may
-        # stop one step before the other: the steps both ran.)
-        assert len(ranks[0]["steps"]) > 0 and len(ranks[1]["steps"]) > 0
-        for mine, theirs in zip(ranks[0]["steps"], ranks[1]["steps"], strict=attempt == 1):
+        # Each step: half the global batch per rank, disjoint halves; both ranks stop together.
+        assert len(ranks[0]["steps"]) > 0
+        for mine, theirs in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
             assert len(mine) == len(theirs) == 32 and not set(mine) & set(theirs)
         # The checkpoint is written by rank 0 alone.
         assert ranks[0]["saves"] > 0 and ranks[1]["saves"] == 0
-    # The requeued attempt resumed where the first one's checkpoint was: together they ran the
-    # 12 steps once each (the ones after that checkpoint twice at most).
+    # The requeued attempt resumed at the very step the first one was signalled at: together
+    # they ran each of the 12 steps once.
     first, second = (rank_records(pre_dir, a)[0]["steps"] for a in (0, 1))
     results = json.loads((pre_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 12
-    assert results["steps_this_attempt"] == len(second) < 12 <= len(first) + len(second)
+    assert len(first) >= 2 and results["steps_this_attempt"] == len(second) == 12 - len(first)
     assert run_id is not None and results["run_id"] == run_id  # the same W&B run
     final = torch.load(pre_dir / "current.pth", weights_only=False)["model"]
     reference = torch.load(ref_dir / "current.pth", weights_only=False)["model"]
@@ -157,8 +157,13 @@ def array_runs(array_id: str) -> list[tuple[str, str]]:
 
 
 def test_sweep_is_one_job_array_whose_tasks_requeue_on_their_own(slurm_cluster, tmp_path):
+    """A 2-point sweep, one point requeued by `scontrol requeue` (SIGTERM to the job, which
+    submitit alone ignores): it resumes from the step it was stopped at, not from step 0."""
+    conf = tmp_path / "conf"
+    write_conf(conf)
     proc = launch(slurm_cluster.partition, "model.temperature=0.1,0.2", "trainer.max_steps=8",
-                  "trainer.checkpoint_every=2", "cluster.nproc_per_node=1",
+                  "trainer.checkpoint_every=1000", "cluster.nproc_per_node=1",
+                  f"hydra.searchpath=[file://{conf}]", "task=recording",
                   "cluster.array_parallelism=1", f"hydra.sweep.dir={tmp_path}",
                   # The default subdir (every override) would pass the 255-byte name limit here.
                   "hydra.sweep.subdir=${hydra.job.num}", multirun=True)
@@ -169,18 +174,19 @@ def test_sweep_is_one_job_array_whose_tasks_requeue_on_their_own(slurm_cluster, 
     assert [r["job_id"] for r in records] == [f"{array_id}_0", f"{array_id}_1"]
     assert ["model.temperature=0.1" in records[0]["overrides"],
             "model.temperature=0.2" in records[1]["overrides"]] == [True, True]
-    # Preempt the first point alone, once it is training.
+    # Requeue the first point alone, once it is training.
     first, second = (Path(r["run_dir"]) for r in records)
-    wait_for(lambda: read_step(first / "current.pth") >= 2, records[0], JOB_TIMEOUT_S,
-             "first checkpoint")
-    subprocess.run(["scancel", "--signal=USR2", records[0]["job_id"]], timeout=30, check=True)
+    wait_for(lambda: steps_done(first) >= 2, records[0], JOB_TIMEOUT_S, "training steps")
+    subprocess.run(["scontrol", "requeue", records[0]["job_id"]], timeout=30, check=True)
     for record in records:
         path = Path(record["run_dir"]) / "results.json"
         wait_for(path.is_file, record, JOB_TIMEOUT_S + REQUEUE_TIMEOUT_S, "results.json")
     assert accounting_states(records[0]["job_id"]) == ["REQUEUED", "COMPLETED"]
     assert accounting_states(records[1]["job_id"]) == ["COMPLETED"]
     resumed, untouched = (json.loads((d / "results.json").read_text()) for d in (first, second))
-    assert resumed["steps"] == 8 and resumed["steps_this_attempt"] < 8
+    stopped_at = len(rank_records(first, 0)[0]["steps"])
+    assert stopped_at >= 2 and resumed["steps"] == 8
+    assert resumed["steps_this_attempt"] == 8 - stopped_at
     assert untouched["steps"] == untouched["steps_this_attempt"] == 8
     # Each task ran its own point (the config the task saved in its run directory)...
     assert [OmegaConf.load(d / "config.yaml").model.temperature for d in (first, second)] == [

@@ -2,8 +2,9 @@
 attempt of what the launcher gave the process (rank, world size, rendezvous, node), which images
 each of its steps trained on, and how many checkpoints it wrote.
 
-The record is written even when the attempt ends by preemption (submitit exits from its signal
-handler), to ``<run dir>/ranks/attempt-<SLURM_RESTART_COUNT>-rank-<RANK>.json``.
+The record is written even when the attempt ends by preemption, to
+``<run dir>/ranks/attempt-<SLURM_RESTART_COUNT>-rank-<RANK>.json``; ``….steps`` beside it holds
+the number of steps the attempt has finished so far.
 """
 
 from __future__ import annotations
@@ -39,9 +40,15 @@ class RecordingPretrain(Pretrain):
         record.update(hostname=socket.gethostname(), steps=[], saves=0)
         train_step, atomic_save = Trainer.train_step, checkpoint.atomic_save
 
+        folder = out_dir / "ranks"
+        folder.mkdir(exist_ok=True)
+        name = f"attempt-{record['SLURM_RESTART_COUNT'] or 0}-rank-{record['RANK']}"
+
         def recording_step(trainer, net, model, optimizer, batch, lr):
             out = train_step(trainer, net, model, optimizer, batch, lr)
             record["steps"].append(batch["index"].tolist())  # a step that ran to its end
+            # How far this attempt is, for a test waiting to interrupt it mid-training.
+            (folder / f"{name}.steps").write_text(str(len(record["steps"])))
             return out
 
         def counting_save(obj, path):
@@ -53,7 +60,4 @@ class RecordingPretrain(Pretrain):
             return super().run(cfg, out_dir)
         finally:
             Trainer.train_step, checkpoint.atomic_save = train_step, atomic_save
-            folder = out_dir / "ranks"
-            folder.mkdir(exist_ok=True)
-            name = f"attempt-{record['SLURM_RESTART_COUNT'] or 0}-rank-{record['RANK']}.json"
-            (folder / name).write_text(json.dumps(record))
+            (folder / f"{name}.json").write_text(json.dumps(record))
