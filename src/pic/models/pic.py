@@ -28,7 +28,8 @@ class PIC(Method):
     ``classifier_optimizer`` / ``classifier_nesterov`` (the optimizer's ``_target_`` and
     Nesterov flag, checked: the sampled classifier implements plain momentum SGD only), from
     the optimizer config. ``storage_dir`` is where ``classifier_storage=mmap`` keeps its files
-    (the run directory)."""
+    (the run directory); ``classifier_order_seed`` (the sliding-window sampler's seed) stores
+    the rows in the sampler's order, ``classifier_dtype`` their precision."""
 
     def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = True, temperature: float = 0.2,
@@ -36,7 +37,8 @@ class PIC(Method):
                  negative_sampling: str = "recent", weight_correction: bool = True,
                  classifier_storage: str = "device", classifier_momentum: float = 0.9,
                  classifier_weight_decay: float = 1e-4, storage_dir: str | None = None,
-                 classifier_optimizer: str = SGD_TARGET, classifier_nesterov: bool = False
+                 classifier_optimizer: str = SGD_TARGET, classifier_nesterov: bool = False,
+                 classifier_order_seed: int | None = None, classifier_dtype: str = "float32"
                  ) -> None:
         super().__init__(backbone, feature_dim, mlp_head)
         self.temperature = temperature
@@ -54,7 +56,8 @@ class PIC(Method):
             self.classifier = SampledInstanceClassifier(
                 num_instances, feature_dim, classifier_init_norm, num_negatives,
                 negative_sampling, weight_correction, classifier_momentum,
-                classifier_weight_decay, classifier_storage, storage_dir)
+                classifier_weight_decay, classifier_storage, storage_dir,
+                classifier_order_seed, classifier_dtype)
 
     def forward(self, crops: list[torch.Tensor], index: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
