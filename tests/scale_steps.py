@@ -25,7 +25,20 @@ def lr_at(step: int) -> float:
 
 def sampled(tmp_path: Path, n: int, **kw) -> SampledInstanceClassifier:
     kw.setdefault("storage_dir", str(tmp_path / "store"))
-    return SampledInstanceClassifier(n, 16, momentum=M, weight_decay=WD, **kw)
+    return attached(SampledInstanceClassifier(n, 16, **kw))
+
+
+def attached(clf: SampledInstanceClassifier) -> SampledInstanceClassifier:
+    """``clf`` attached to a plain SGD with m = M, λ = WD (its lr set by :func:`after`)."""
+    clf.attach(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0, momentum=M,
+                               weight_decay=WD))
+    return clf
+
+
+def after(clf: SampledInstanceClassifier, lr: float) -> None:
+    """The update of a step at learning rate ``lr``."""
+    clf.group["lr"] = lr
+    clf.after_step()
 
 
 def batch(step: int, n: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +67,7 @@ def instances(clf: SampledInstanceClassifier, rows: torch.Tensor) -> torch.Tenso
 def run_steps(clf: SampledInstanceClassifier, steps: range) -> None:
     for step in steps:
         sampled_step(clf, step, 4)
-        clf.after_step(lr_at(step))
+        after(clf, lr_at(step))
 
 
 CHILD_STEPS, CHILD_KILL_AT, CHILD_CHECKPOINT = 30, 23, 17
@@ -81,7 +94,7 @@ def child(directory: str, kill: bool) -> None:
         sampled_step(clf, step, 8)
         if kill and step == CHILD_KILL_AT:
             clf.store.scatter = lambda rows, raw: os.kill(os.getpid(), signal.SIGKILL)
-        clf.after_step(lr_at(step))
+        after(clf, lr_at(step))
         if step + 1 == CHILD_CHECKPOINT:
             torch.save(clf.state_dict(), ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)

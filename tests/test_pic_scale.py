@@ -33,6 +33,8 @@ from .scale_steps import (
     TAU,
     WD,
     M,
+    after,
+    attached,
     batch,
     child,
     lr_at,
@@ -70,7 +72,7 @@ def test_all_rows_equal_dense_pic_with_torch_sgd(tmp_path: Path, storage: str) -
         instance_classification_loss(feats, w, y, TAU).backward()
         opt.step()
         sampled_step(clf, step, 8)
-        clf.after_step(lr_at(step))
+        after(clf, lr_at(step))
         buf = opt.state[dense.weight]["momentum_buffer"]
         w = dense.weight.detach()
         w_scale = max(w_scale, float(w.abs().max() + lr_at(step) * buf.abs().max()))
@@ -103,7 +105,7 @@ def reference_run(clf: SampledInstanceClassifier, steps: int, b: int,
             w64[r] = w64[r] - eta * b64[r]
         b_scale = max(b_scale, float(b64.abs().max() + grad.abs().max() + WD * w64.abs().max()))
         w_scale = max(w_scale, float(w64.abs().max() + eta * b64.abs().max()))
-        clf.after_step(eta)
+        after(clf, eta)
         if check_every_step:
             w, mom = clf.current()
             assert_within(w, w64, bound(clf, step + 1, w_scale))
@@ -154,7 +156,7 @@ def test_without_correction_unsampled_rows_do_not_move(tmp_path: Path) -> None:
     clf = sampled(tmp_path, 40, num_negatives=4, sampling="uniform", weight_correction=False)
     before = clf.weight
     rows = sampled_step(clf, 0, 4)
-    clf.after_step(0.5)
+    after(clf, 0.5)
     moved = (clf.weight != before).any(dim=1)
     assert torch.equal(moved.nonzero().flatten(), rows)
 
@@ -169,7 +171,7 @@ def test_recent_negatives_are_the_latest_instances(tmp_path: Path) -> None:
         if step >= 3:  # the FIFO holds exactly the previous 3 batches
             assert rows == set(seen[-12:]) | set(labels)
         seen += labels
-        clf.after_step(0.1)
+        after(clf, 0.1)
 
 
 def test_uniform_rows_distinct_and_uniform() -> None:
@@ -193,8 +195,8 @@ def test_uniform_negatives_depend_only_on_seed_and_step(tmp_path: Path) -> None:
     b = sampled(tmp_path / "b", 1000, num_negatives=20, sampling="uniform")
     for step in range(3):
         assert torch.equal(sampled_step(a, step, 4), sampled_step(b, step, 4))
-        a.after_step(0.1)
-        b.after_step(0.1)
+        after(a, 0.1)
+        after(b, 0.1)
 
 
 def test_mmap_checkpoint_writes_no_table_and_resumes_exactly(tmp_path: Path) -> None:
@@ -236,8 +238,8 @@ def test_window_rows_are_contiguous_and_the_file_sparse(tmp_path: Path) -> None:
     n, window, stride = 50000, 4096, 1024
     sampler = SlidingWindowSampler(n, seed=4, window_size=window, stride=stride)
     torch.manual_seed(0)
-    clf = SampledInstanceClassifier(n, 16, num_negatives=64, storage="mmap", order_seed=4,
-                                    storage_dir=str(tmp_path))
+    clf = attached(SampledInstanceClassifier(n, 16, num_negatives=64, storage="mmap",
+                                             order_seed=4, storage_dir=str(tmp_path)))
     for t in (0, 3, 48):  # 48: the window wraps around the list
         rows = clf.rows_of(torch.from_numpy(sampler.window(t)))
         assert torch.equal(rows.sort().values,
@@ -248,7 +250,7 @@ def test_window_rows_are_contiguous_and_the_file_sparse(tmp_path: Path) -> None:
         feats = torch.randn(32, 16, generator=torch.Generator().manual_seed(step))
         rows, pos = clf(torch.tensor([next(order) for _ in range(32)]))
         instance_classification_loss(feats, rows, pos, TAU).backward()
-        clf.after_step(0.1)
+        after(clf, 0.1)
     table = clf.store
     assert table.path.stat().st_size == n * table.row_bytes
     # Only pages holding a written row are on disk: the window's 4096 of the 50000 rows.
@@ -366,7 +368,7 @@ def test_pic_with_all_rows_sampled_equals_dense_pic(tmp_path: Path) -> None:
 @pytest.mark.parametrize("storage", ["host", "mmap"])
 def test_sampled_pic_resumes_exactly(tmp_path: Path, storage: str) -> None:
     kw = dict(num_negatives=10, negative_sampling="recent", classifier_storage=storage,
-              classifier_momentum=0.9, classifier_weight_decay=1e-4, classifier_order_seed=0)
+              classifier_order_seed=0)
     once = train_pic(tmp_path / "once", 30, storage_dir=str(tmp_path / "once"), **kw)
     train_pic(tmp_path / "twice", 17, storage_dir=str(tmp_path / "twice"), **kw)
     twice = train_pic(tmp_path / "twice", 30, storage_dir=str(tmp_path / "twice"), **kw)
@@ -385,14 +387,14 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, storage: str) -> Non
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     # mmap: one file for both ranks (rank 0 writes it, both read it).
-    clf = SampledInstanceClassifier(60, 16, 1.0, 8, "uniform", True, M, WD, storage,
-                                    f"{out}/store", order_seed=6)
+    clf = attached(SampledInstanceClassifier(60, 16, 1.0, 8, "uniform", True, storage,
+                                             f"{out}/store", order_seed=6))
     for step in range(10):
         feats, labels = batch(step, 60, 8)
         mine = slice(rank * 4, rank * 4 + 4)
         rows, pos = clf(labels[mine])
         instance_classification_loss(feats[mine], rows, pos, TAU).backward()
-        clf.after_step(lr_at(step))
+        after(clf, lr_at(step))
     clf.sync_state()
     torch.save(clf.weight, f"{out}/rank{rank}.pt")
     tdist.destroy_process_group()
@@ -408,11 +410,11 @@ def test_ddp_ranks_share_rows_and_match_one_process(tmp_path: Path, storage: str
     if storage == "mmap":
         assert [p.name for p in (tmp_path / "store").glob("*.table")] == ["pic_classifier.table"]
     torch.manual_seed(0)
-    one = SampledInstanceClassifier(60, 16, 1.0, 8, "uniform", True, M, WD, "host",
-                                    order_seed=6)
+    one = attached(SampledInstanceClassifier(60, 16, 1.0, 8, "uniform", True, "host",
+                                             order_seed=6))
     for step in range(10):
         sampled_step(one, step, 8)
-        one.after_step(lr_at(step))
+        after(one, lr_at(step))
     one.sync_state()
     # The ranks' mean gradient and one process's are sums in different orders: float32 apart.
     scale = float(one.weight.abs().max()) + max(map(lr_at, range(10))) * float(
@@ -433,20 +435,25 @@ def test_bad_settings_name_the_key(tmp_path: Path, kw: dict, match: str) -> None
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    (["optimizer=lars"], "got optimizer pic.engine.lars.lars"),
+    (["optimizer=lars"], "got optimizer pic.engine.lars.LARS"),
     (["optimizer.nesterov=true"], "with nesterov"),
 ])
 def test_sampled_classifier_refuses_an_optimizer_it_does_not_implement(overrides, match) -> None:
-    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from .helpers import compose_config
 
-    cfg = compose_config("model.num_negatives=16", *overrides)
-    with pytest.raises(InstantiationException, match=match):  # wraps the model's ValueError
-        instantiate(cfg.model, backbone=TinyBackbone(), num_instances=64)
-    cfg = compose_config("model.num_negatives=16")  # the default optimizer: accepted
-    assert instantiate(cfg.model, backbone=TinyBackbone(), num_instances=64).classifier
+    def attach(*overrides: str) -> dict:
+        cfg = compose_config("model.num_negatives=16", *overrides)
+        model = instantiate(cfg.model, backbone=TinyBackbone(), num_instances=64)
+        model.attach(instantiate(cfg.optimizer, model=model, batch_size=256))  # as the trainer
+        return model.classifier.group
+
+    with pytest.raises(ValueError, match=match):
+        attach(*overrides)
+    # The default optimizer is accepted, and its settings are the classifier's.
+    group = attach("optimizer.momentum=0.8", "optimizer.weight_decay=0.01", "optimizer.lr=2.56")
+    assert (group["momentum"], group["weight_decay"], group["lr"]) == (0.8, 0.01, 2.56)
 
 
 @pytest.mark.parametrize("storage", ["device", "mmap"])
@@ -462,7 +469,7 @@ def test_native_row_moves_equal_torch_s(tmp_path: Path, storage: str, monkeypatc
                       storage=storage)
         for step in range(12):
             sampled_step(clf, step, 4)
-            clf.after_step(lr_at(step))
+            after(clf, lr_at(step))
         tables.append(clf.store.table.clone())
     assert torch.equal(*tables)
 

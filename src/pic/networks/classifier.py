@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import dist
 from ..data.samplers import list_order
+from ..engine.optim import plain_sgd_group
 from .correction import Correction, initial_rows, uniform_rows
 from .rowstore import STORAGES, RowTable
 
@@ -51,7 +52,10 @@ class InstanceClassifier(nn.Module):
         """The rows to score against (C×D) and each label's row in them (B)."""
         return self.weight, labels
 
-    def after_step(self, lr: float) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to do: the optimizer holds W."""
+
+    def after_step(self) -> None:
         """Nothing to do: the global optimizer updates W."""
 
 
@@ -79,7 +83,6 @@ class SampledInstanceClassifier(nn.Module):
             ``uniform`` (K distinct rows, seeded by the update count: identical on every rank
             without communication).
         weight_correction: apply the zero-gradient updates to rows outside the step's set.
-        momentum, weight_decay: m and λ; must be the optimizer's.
         storage: ``device`` (moves with the module), ``host`` (CPU memory) or ``mmap`` (one
             sparse file under ``storage_dir``, shared by the ranks of a node).
         storage_dir: directory of the mmap table file and its undo journals.
@@ -89,8 +92,7 @@ class SampledInstanceClassifier(nn.Module):
 
     def __init__(self, num_instances: int, dim: int, init_norm: float | None = None,
                  num_negatives: int | None = None, sampling: str = "recent",
-                 weight_correction: bool = True, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, storage: str = "device",
+                 weight_correction: bool = True, storage: str = "device",
                  storage_dir: str | None = None, order_seed: int | None = None,
                  dtype: str = "float32") -> None:
         super().__init__()
@@ -98,11 +100,11 @@ class SampledInstanceClassifier(nn.Module):
         self.num_instances, self.dim, self.init_norm = num_instances, dim, init_norm
         self.num_negatives = num_instances if num_negatives is None else num_negatives
         self.sampling, self.weight_correction = sampling, weight_correction
-        self.momentum, self.weight_decay = momentum, weight_decay
+        self.group: dict[str, Any] | None = None  # the optimizer's, from attach()
         self.order_seed = order_seed
         path = None if storage_dir is None else Path(storage_dir) / "pic_classifier.table"
         self.store = RowTable(num_instances, dim, dtype, storage, path)
-        self.correction = Correction(num_instances, momentum, weight_decay)
+        self.correction = Correction(num_instances)
         self.row_of = None if order_seed is None else inverse_order(order_seed, num_instances)
         # The seed of the initial rows and of the uniform draws: from the global RNG, which
         # every rank has seeded identically.
@@ -176,25 +178,35 @@ class SampledInstanceClassifier(nn.Module):
         c = c.to(w.device, w.dtype)[:, :, None]
         return c[2] * b + c[3] * w, c[0] * b + c[1] * w
 
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply ``optimizer``'s SGD to the rows: its m, λ and each step's lr (plain momentum
+        SGD only: checked)."""
+        self.group = plain_sgd_group(optimizer, "the sampled PIC classifier (model."
+                                     "num_negatives / model.classifier_storage=host|mmap)")
+
     @torch.no_grad()
-    def after_step(self, lr: float) -> None:
-        """Apply SGD (lr η_t) to the step's rows, advance the correction, park due blocks."""
+    def after_step(self) -> None:
+        """Apply SGD (the optimizer's current lr η_t) to the step's rows, advance the
+        correction, park due blocks."""
         if self._pending is None:
             raise RuntimeError("SampledInstanceClassifier.after_step without a forward")
+        if self.group is None:
+            raise RuntimeError("SampledInstanceClassifier.after_step before attach(optimizer)")
+        lr, m, lam = self.group["lr"], self.group["momentum"], self.group["weight_decay"]
         rows, raw, w, b, leaf, positives = self._pending
         self._pending = None
         grad = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
         # The mean over ranks, like DDP does for parameters: rows stay identical everywhere.
         grad = dist.all_reduce_mean(grad).to(w.device)
         # Same operations in the same order as torch.optim.SGD (dampening 0, no Nesterov).
-        d_p = grad.add(w, alpha=self.weight_decay)
-        b.mul_(self.momentum).add_(d_p)
+        d_p = grad.add(w, alpha=lam)
+        b.mul_(m).add_(d_p)
         w.add_(b, alpha=-lr)
         self.t += 1
         self._write(rows, raw, w, b)
         if self.weight_correction:
             self.correction.wrote(rows, self.t)
-            self.correction.advance(self.t, lr)
+            self.correction.advance(self.t, lr, m, lam)
             for block in self.correction.due(self.t).tolist():
                 self._park(block)
         if self.sampling == "recent":

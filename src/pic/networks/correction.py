@@ -103,8 +103,7 @@ class Correction:
     is current at (0: a hole).
     """
 
-    def __init__(self, num_rows: int, momentum: float, weight_decay: float) -> None:
-        self.momentum, self.weight_decay = momentum, weight_decay
+    def __init__(self, num_rows: int) -> None:
         self.gap, self.block_rows = MAX_GAP, BLOCK_ROWS  # read now: tests shrink them
         blocks = -(-num_rows // self.block_rows)
         eye = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
@@ -130,9 +129,9 @@ class Correction:
         c[:, ~parked & (s == t)] = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=c.dtype)[:, None]
         return c
 
-    def advance(self, t: int, lr: float) -> None:
-        """Compose A_{t−1} (the update that made the count ``t``) onto every kept map."""
-        m, lam = self.momentum, self.weight_decay
+    def advance(self, t: int, lr: float, m: float, lam: float) -> None:
+        """Compose A_{t−1} (the update that made the count ``t``: lr, momentum m, weight decay
+        λ) onto every kept map."""
         a = torch.tensor([m, lam, -lr * m, 1 - lr * lam], dtype=torch.float64)
         self.q = _apply(a, self.q)
         self.q[:, (t - 1) % self.gap] = a
