@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ class Pretrain:
                          num_classes=data.num_classes, device=trainer.device,
                          num_workers=trainer.num_workers)
         encoder = encoder_of(model, knn.features)
+        clock = time.perf_counter()
         baselines = self._baselines(out_dir, lambda e: scored(e, probe=self.probe)[0], encoder)
+        timing = {"baselines_time_s": time.perf_counter() - clock}
 
         # The kNN monitor's curve survives resumes beside the checkpoint (the report plots it).
         monitor = MetricHistory(out_dir / "knn_history.json", cfg.auto_resume)
@@ -73,16 +76,20 @@ class Pretrain:
         summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
                               out_dir, logger, cfg.seed, resume=cfg.auto_resume,
                               epoch_end=epoch_end, config=config_dict(cfg))
+        clock = time.perf_counter()
         final, val_f, val_y = scored(encoder, probe=self.probe)
+        timing["eval_time_s"] = time.perf_counter() - clock
         results = {k: v for k, v in summary.items() if k != "loss_history"}
-        results.update(method=cfg.model._target_, num_instances=len(train_set),
+        results.update(**timing, method=cfg.model._target_, num_instances=len(train_set),
                        world_size=dist.get_world_size(), knn_history=monitor.rows(),
                        **eval_results(knn, {"trained": final, **baselines}))
         logger.summary({k: v for k, v in results.items() if not isinstance(v, list | dict)})
         logger.finish()
         if self.plot and dist.is_main():
+            clock = time.perf_counter()
             _plot(out_dir / "summary.png", summary["loss_history"], val_f, val_y,
                   f"{cfg.name}: {headline(results)}")
+            results["plot_time_s"] = time.perf_counter() - clock
         write_results(out_dir, results)
         if dist.is_main():
             _print_summary(cfg, out_dir, results)
@@ -125,7 +132,8 @@ def _print_summary(cfg: DictConfig, out_dir: Path, r: dict[str, Any]) -> None:
     rows = [
         ("trained", f"{cfg.name}: {cfg.model._target_.rsplit('.', 1)[-1]} on "
                     f"{cfg.data._target_.rsplit('.', 1)[-1]} ({r['num_instances']} images)"),
-        ("length", f"{r['steps']} steps, {r['epochs']:.1f} epochs, {r['train_time_s']:.0f} s"),
+        ("length", f"{r['steps']} steps, {r['epochs']:.1f} epochs, {r['train_time_s']:.0f} s "
+                   f"(evaluation {r['baselines_time_s'] + r['eval_time_s']:.0f} s)"),
         ("top-1 (%)", "".join(f"{n.replace('_', ' '):>13}" for n in names)
          + f"   ({r['eval_features']} features)"),
         *((f"kNN-{key[1:].replace('_t', ' T ')}", row(lambda e, key=key: e["knn"][key]["top1"]))
