@@ -15,9 +15,11 @@ import torch
 from hydra.utils import instantiate
 
 from pic.config import compose_config
+from pic.engine.checkpoint import FORMAT, atomic_save
 from pic.engine.features import evaluate, extract_features, pixels
 from pic.engine.knn import KNN, knn_key
 from pic.engine.probe import FeatureProbe
+from pic.models.pic import PIC
 from pic.networks.resnet import TinyResNet
 from pic.tasks.common import eval_splits
 
@@ -39,7 +41,10 @@ def test_two_processes_with_default_evaluation_write_results(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 2
-    assert 0 <= results["knn_top1"] <= 100 and 0 <= results["knn_top1_random_init"] <= 100
+    for name in ("", "_random_init", "_pixels"):
+        assert 0 <= results[f"knn_top1{name}"] <= 100 and 0 <= results[f"probe_top1{name}"] <= 100
+    assert list(results["eval"]["trained"]["knn"]) == ["k20_t0.07", "k20_t0.1", "k200_t0.07",
+                                                       "k200_t0.1"]
     assert (run / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -151,3 +156,53 @@ def test_probe_matches_logistic_regression_on_frozen_features() -> None:
         sk_top1 = 100 * (sk.predict(transform(val_x.numpy())) == val_y.numpy()).mean()
         assert ours["top1"] >= sk_top1, (ours, sk_top1)
     assert ours["lr"] in FeatureProbe().lr and ours["weight_decay"] in FeatureProbe().weight_decay
+
+
+# ----------------------------------------------------------------------------- tasks
+def write_pic_checkpoint(path: Path, num_instances: int) -> PIC:
+    torch.manual_seed(1)
+    model = PIC(TinyResNet(), num_instances)
+    atomic_save({"format": FORMAT, "model": model.state_dict(), "config": {}}, path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("features", ["backbone", "head"])
+def test_knn_task_on_backbone_or_head_features(tmp_path: Path, features: str) -> None:
+    """eval.features picks the network evaluated, results.json says which, and the baselines
+    stand beside it."""
+    cfg = compose_config([*SMALL_DATA, "name=test", "task=knn", f"pretrained={tmp_path / 'a.pth'}",
+                          f"eval.features={features}", "eval.k=[5,10]", "task.num_workers=0"])
+    bank, val = eval_splits(instantiate(cfg.data))
+    model = write_pic_checkpoint(tmp_path / "a.pth", len(bank))
+    results = instantiate(cfg.task).run(cfg, tmp_path)
+    assert results["eval_features"] == features
+    assert json.loads((tmp_path / "results.json").read_text())["eval_features"] == features
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            f = model.encoder.backbone(x)
+            return model.encoder.head(f) if features == "head" else f
+
+    images = {s: torch.stack([d[i]["crops"][0] for i in range(len(d))])
+              for s, d in (("bank", bank), ("val", val))}
+    labels = {s: torch.tensor([d.label(i) for i in range(len(d))])
+              for s, d in (("bank", bank), ("val", val))}
+    for k in (5, 10):
+        expected = explicit_knn_top1(encode(images["bank"]), labels["bank"], encode(images["val"]),
+                                     labels["val"], k, 0.07, 4)
+        assert results["eval"]["trained"]["knn"][f"k{k}_t0.07"]["top1"] == pytest.approx(expected)
+    assert {"knn_top1_random_init", "knn_top1_pixels"} <= results.keys()
+
+
+def test_linear_task_cached_protocol_is_the_probe_on_extracted_features(tmp_path: Path) -> None:
+    cfg = compose_config([*SMALL_DATA, "name=test", "task=linear", "task.protocol=cached",
+                          f"pretrained={tmp_path / 'a.pth'}", "task.probe.epochs=20",
+                          "trainer.num_workers=0", "logger=none"])
+    bank, val = eval_splits(instantiate(cfg.data))
+    model = write_pic_checkpoint(tmp_path / "a.pth", len(bank))
+    results = instantiate(cfg.task).run(cfg, tmp_path / "run")
+    expected = FeatureProbe(epochs=20).fit(
+        *extract_features(model.backbone, bank, 32, torch.device("cpu")),
+        *extract_features(model.backbone, val, 32, torch.device("cpu")), 4)
+    assert results["protocol"] == "cached"
+    assert {k: results[f"linear_{k}"] for k in expected} == pytest.approx(expected)
