@@ -263,10 +263,25 @@ def instdisc(size: int, mean: list[float], std: list[float], num_views: int = 1)
     return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.2, 1.0)))
 
 
-def linear(size: int, mean: list[float], std: list[float], num_views: int = 1) -> MultiView:
-    """Linear-evaluation training: RandomResizedCrop(size, 0.08-1) + flip."""
+def linear_eval_resized_crop(size: int, mean: list[float], std: list[float],
+                             num_views: int = 1) -> MultiView:
+    """Linear-evaluation training, ImageNet protocol: RandomResizedCrop(size, 0.08-1) + flip."""
     pipeline = v2.Compose([v2.RandomHorizontalFlip(), *_to_normalised_tensor(mean, std)])
     return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.08, 1.0)))
+
+
+def linear_eval_padded_crop(size: int, mean: list[float], std: list[float],
+                            num_views: int = 1) -> MultiView:
+    """Linear-evaluation training, small-image (CIFAR) protocol: resize to ``size``, pad by
+    size/8 (4 px at 32) with zeros, random ``size`` crop, flip. A RandomResizedCrop down to 8%
+    of a 32-px image leaves a few pixels of a digit: the probe then learns from noise."""
+    pipeline = v2.Compose([
+        v2.Resize((size, size), antialias=True),
+        v2.RandomCrop(size, padding=max(1, size // 8)),
+        v2.RandomHorizontalFlip(),
+        *_to_normalised_tensor(mean, std),
+    ])
+    return MultiView(pipeline, num_views)
 
 
 def eval_transform(size: int, mean: list[float], std: list[float]) -> MultiView:
