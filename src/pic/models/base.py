@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..networks.batchnorm import convert_batchnorm
 from ..networks.heads import MultiCropEncoder, projection_head
 
 
@@ -18,10 +19,16 @@ class Method(nn.Module):
     submodules, so it is part of ``state_dict`` and of every checkpoint.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int = 128, mlp_head: bool = True) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int = 128, mlp_head: bool = True,
+                 bn_per_crop: bool = False, head_batch_norm: bool = False) -> None:
+        """``bn_per_crop``: BN statistics per crop of B images rather than per resolution group
+        (:class:`~pic.networks.heads.MultiCropEncoder`); ``head_batch_norm``: BN in the head
+        (:func:`~pic.networks.heads.projection_head`)."""
         super().__init__()
-        self.encoder = MultiCropEncoder(backbone, projection_head(backbone.out_dim, feature_dim,
-                                                                  mlp_head))
+        head = projection_head(backbone.out_dim, feature_dim, mlp_head, head_batch_norm)
+        self.encoder = MultiCropEncoder(backbone, head, bn_per_crop)
+        if bn_per_crop:
+            convert_batchnorm(self.encoder, sync=False)
 
     @property
     def backbone(self) -> nn.Module:

@@ -36,9 +36,9 @@ class PIC(Method):
                  negative_sampling: str = "recent", weight_correction: bool = True,
                  classifier_storage: str = "device", classifier_momentum: float = 0.9,
                  classifier_weight_decay: float = 1e-4, storage_dir: str | None = None,
-                 classifier_optimizer: str = SGD_TARGET, classifier_nesterov: bool = False
-                 ) -> None:
-        super().__init__(backbone, feature_dim, mlp_head)
+                 classifier_optimizer: str = SGD_TARGET, classifier_nesterov: bool = False,
+                 bn_per_crop: bool = False) -> None:
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop)
         self.temperature = temperature
         self.classifier: InstanceClassifier | SampledInstanceClassifier
         if num_negatives is None and classifier_storage == "device":
