@@ -82,13 +82,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, crops: list[torch.T
     net = model
     if torch_dist.is_initialized():
         net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    model.attach(opt)
     dtype = PRECISIONS[precision]
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         loss, _ = net(crops, index)
     opt.zero_grad()
     loss.backward()
     opt.step()
-    model.after_step(opt.param_groups[0]["lr"])
+    model.after_step()
     return loss.detach()
 
 

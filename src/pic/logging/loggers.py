@@ -14,8 +14,7 @@ from typing import Any
 class NoLogger:
     run_id: str | None = None
 
-    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None,
-              name: str | None = None) -> None:
+    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> None:
         self.run_id = run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -40,14 +39,13 @@ class WandbLogger(NoLogger):
         self.group, self.tags = group, list(tags or [])
         self.run = None
 
-    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None,
-              name: str | None = None) -> None:
+    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode,
                               dir=str(run_dir), config=config, id=run_id, resume="allow",
-                              group=self.group, tags=self.tags, name=name,
+                              group=self.group, tags=self.tags,
                               settings=wandb.Settings(console="off"))
         self.run_id = self.run.id
 

@@ -23,7 +23,7 @@ class KNNTask:
             raise ValueError("task=knn needs pretrained=PATH (a current.pth of a pretraining run)")
         backbone = load_backbone(instantiate(cfg.backbone), cfg.pretrained)
         data = instantiate(cfg.data)
-        bank_set, val_set = eval_splits(cfg, data)
+        bank_set, val_set = eval_splits(data)
         knn = instantiate(cfg.eval)
         scores = knn.evaluate(backbone.to(self.device), bank_set, val_set, data.num_classes,
                               self.device, self.num_workers)
