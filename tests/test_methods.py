@@ -130,6 +130,35 @@ def test_instdisc_bank_update_after_step_only() -> None:
     assert torch.equal(model.bank[untouched], before[untouched])
 
 
+@pytest.mark.parametrize("name", ["instdisc", "moco"])
+def test_step_update_applied_once_and_only_for_a_taken_step(name: str) -> None:
+    """The Method protocol: forward defers the step's update, after_step takes it once; a
+    skipped step's update (forward without after_step) is replaced by the next forward's."""
+    torch.manual_seed(0)
+    model = (InstDisc(tiny_backbone(), num_instances=10, feature_dim=8, num_negatives=3)
+             if name == "instdisc" else MoCo(tiny_backbone(), num_instances=10, feature_dim=8,
+                                             queue_size=8))
+    state = "bank" if name == "instdisc" else "queue"
+    before = getattr(model, state).clone()
+    crops = [images(4, 1)] if name == "instdisc" else [images(4, 1), images(4, 2)]
+    model(crops, torch.tensor([0, 1, 2, 3]))  # this step is skipped
+    crops = [images(4, 3)] if name == "instdisc" else [images(4, 3), images(4, 4)]
+    model(crops, torch.tensor([4, 5, 6, 7]))
+    update = model.deferred_update()
+    assert update is not None and model.deferred_update() is None  # taken once
+    model.defer_update(update)
+    model.after_step()
+    after = getattr(model, state).clone()
+    changed = (after != before).any(dim=1).nonzero().flatten().tolist()
+    # Only the applied step's rows: InstDisc's bank rows 4-7; MoCo's first 4 queue slots.
+    assert changed == ([4, 5, 6, 7] if name == "instdisc" else [0, 1, 2, 3])
+    model.after_step()  # nothing left to apply
+    if name == "instdisc":
+        assert torch.equal(model.bank, after)
+    else:
+        assert torch.equal(model.queue, after) and int(model.queue_ptr) == 4
+
+
 def test_instdisc_rejects_unknown_loss() -> None:
     with pytest.raises(ValueError, match="model.loss='nc'"):
         InstDisc(tiny_backbone(), num_instances=10, loss="nc")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -44,6 +46,13 @@ class Method(Trainable):
     dict of scalar metric tensors (not yet synchronised; the trainer reduces them when it logs).
     State the method keeps between steps (bank, queue, key encoder) lives in buffers or
     submodules, so it is part of ``state_dict`` and of every checkpoint.
+
+    The step's update: what ``forward`` computes for changing that state (InstDisc's gathered
+    bank rows and features, MoCo's gathered keys) must wait until the optimizer step is known
+    to be applied, since a skipped step changes nothing. ``forward`` hands it over with
+    :meth:`defer_update`; ``after_step`` takes it with :meth:`deferred_update`. A skipped step's
+    update is never taken: the next ``forward`` replaces it. (PIC's sampled classifier keeps
+    the rows of its step the same way, inside the classifier.)
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int = 128, mlp_head: bool = True,
@@ -56,6 +65,16 @@ class Method(Trainable):
         self.encoder = MultiCropEncoder(backbone, head, bn_per_crop)
         if bn_per_crop:
             convert_batchnorm(self.encoder, sync=False)
+        self._update: Any = None
+
+    def defer_update(self, update: Any) -> None:
+        """Called by ``forward``: what ``after_step`` applies if this step is taken."""
+        self._update = update
+
+    def deferred_update(self) -> Any:
+        """Called by ``after_step``: the last ``forward``'s update (None if none), taken once."""
+        update, self._update = self._update, None
+        return update
 
     @property
     def backbone(self) -> nn.Module:

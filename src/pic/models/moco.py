@@ -41,7 +41,6 @@ class MoCo(Method):
         self.key_encoder.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, feature_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self._pending: torch.Tensor | None = None
 
     def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of a random permutation of the global batch.
@@ -82,7 +81,7 @@ class MoCo(Method):
         key = self.keys(crops[1])
         # The queue changes only in after_step, after backward has used it.
         loss = info_nce(query, key, self.queue, self.temperature)
-        self._pending = dist.all_gather(key)  # enqueued in after_step, once the step is taken
+        self.defer_update(dist.all_gather(key))  # enqueued in after_step, once the step is taken
         positive_sim = (query.detach() * key).sum(1).mean()
         return loss, {"loss": loss.detach(), "positive_sim": positive_sim}
 
@@ -90,8 +89,8 @@ class MoCo(Method):
     def after_step(self) -> None:
         """Enqueue the step's keys, then move the key encoder towards the updated query
         encoder, so the next keys come from θ_k updated before they are computed."""
-        if self._pending is not None:
-            keys, self._pending = self._pending, None
+        keys = self.deferred_update()
+        if keys is not None:
             ptr = int(self.queue_ptr)
             self.queue[ptr:ptr + keys.shape[0]] = keys.to(self.queue.dtype)
             self.queue_ptr.fill_((ptr + keys.shape[0]) % self.queue.shape[0])
