@@ -115,11 +115,12 @@ def one_step(name: str, rank: int, world: int, precision: str = "fp32", sync_bn:
 
 
 def new_method(name: str) -> nn.Module:
-    """Each method on a backbone with BN (SimCLR's converted to SyncBN when distributed)."""
+    """Each method on a backbone with BN (SimCLR's converted to SyncBN when distributed); PIC
+    and SimCLR with BN statistics per view (per-chunk, and synchronised per-chunk, BN)."""
     if name == "simclr":
-        return SimCLR(tiny(), feature_dim=8, sync_bn=True)
+        return SimCLR(tiny(), feature_dim=8, sync_bn=True, bn_per_crop=True)
     if name == "pic":
-        return PIC(tiny(), num_instances=N, feature_dim=8)
+        return PIC(tiny(), num_instances=N, feature_dim=8, bn_per_crop=True)
     if name == "instdisc":
         return InstDisc(tiny(), num_instances=N, feature_dim=8, num_negatives=5)
     return MoCo(tiny(), num_instances=N, feature_dim=8, queue_size=BATCH)
