@@ -32,9 +32,9 @@ class PIC(Method):
                  classifier_init_norm: float | None = None, num_negatives: int | None = None,
                  negative_sampling: str = "recent", weight_correction: bool = True,
                  classifier_storage: str = "device", storage_dir: str | None = None,
-                 classifier_order_seed: int | None = None, classifier_dtype: str = "float32"
-                 ) -> None:
-        super().__init__(backbone, feature_dim, mlp_head)
+                 classifier_order_seed: int | None = None, classifier_dtype: str = "float32",
+                 bn_per_crop: bool = False) -> None:
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop)
         self.temperature = temperature
         self.classifier: InstanceClassifier | SampledInstanceClassifier
         if num_negatives is None and classifier_storage == "device":
