@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.nn import functional as F
@@ -47,7 +46,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pic.config import CONF_DIR, register_schemas  # noqa: E402
+from pic import config  # noqa: E402
 from pic.engine.trainer import PRECISIONS, Trainer  # noqa: E402
 
 QUICK = ["backbone=resnet_tiny", "backbone.widths=[8,16]", "trainer.batch_size=16",
@@ -64,10 +63,8 @@ def cpu_name() -> str:
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """The config launch.py would compose for these overrides (``name`` fixed)."""
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=["name=bench", "logger=none", *overrides])
+    """The config launch.py would compose for these overrides (``name`` fixed, no logger)."""
+    return config.compose_config(["name=bench", "logger=none", *overrides])
 
 
 class Setup:

@@ -74,11 +74,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, crops: list[torch.T
     net = model
     if torch_dist.is_initialized():
         net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    model.attach(opt)
     loss, _ = net(crops, index)
     opt.zero_grad()
     loss.backward()
     opt.step()
-    model.after_step(opt.param_groups[0]["lr"])
+    model.after_step()
 
 
 def one_step(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:

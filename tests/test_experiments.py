@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pic.config import CONF_DIR, register_schemas
+from pic.config import CONF_DIR, compose_config
 from pic.engine.checkpoint import load_checkpoint
 
 ROOT = CONF_DIR.parent
@@ -50,10 +49,8 @@ ROWS = {
 
 
 def compose_cfg(*overrides: str, searchpath: bool = False) -> DictConfig:
-    register_schemas()
     extra = [f"hydra.searchpath=[file://{ROOT}]"] if searchpath else []
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, *extra], return_hydra_config=True)
+    return compose_config([*overrides, *extra], return_hydra_config=True)
 
 
 def test_the_table_has_exactly_the_nine_rows() -> None:

@@ -14,10 +14,10 @@ import torchvision
 from hydra.utils import instantiate
 from torch import nn
 
+from pic.config import config_dict
 from pic.engine.checkpoint import FORMAT, atomic_save
 from pic.export import export, main, torchvision_model
 from pic.models.simclr import SimCLR
-from pic.tasks.common import config_dict
 from pic.tasks.linear import LinearProbe
 
 from .helpers import ROOT, compose_config

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pic.config import CONF_DIR, register_schemas
+from pic.config import CONF_DIR, compose_config
 from pic.engine.checkpoint import FORMAT, atomic_save, load_checkpoint
 from pic.models.pic import PIC
 from pic.networks.resnet import TinyResNet
@@ -34,9 +33,7 @@ SMALL_RUN = [
 
 
 def compose_cfg(*overrides: str) -> DictConfig:
-    register_schemas()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(list(overrides))
 
 
 def backbone_with_stats(seed: int = 0) -> TinyResNet:
@@ -229,7 +226,7 @@ def test_two_processes_report_the_accuracy_of_their_final_probe(tmp_path: Path) 
         assert torch.equal(state[f"backbone.{key}"], value), key
     cfg = compose_cfg(*SMALL_RUN)
     data = instantiate(cfg.data)
-    _, val_set = eval_splits(cfg, data)
+    _, val_set = eval_splits(data)
     probe = LinearProbe(TinyResNet(WIDTHS), data.num_classes, torch.zeros(1, dtype=torch.long))
     probe.load_state_dict(state)
     scores = evaluate(probe, val_set, batch_size=32, device=torch.device("cpu"))

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,22 @@ LINEAR = ["task=linear", "task.pretrain_first=true", "task.epochs=1", "task.batc
 BLOCK = 32 * 1024  # the .wandb file: LevelDB's log format in 32 KiB blocks, after a 7-byte header
 
 
-def wandb_records(path: Path) -> list[Any]:
-    """Every record of a ``run-<id>.wandb`` file, parsed here from the file format (a record:
-    crc32 (4 bytes), length (2, little-endian), kind (1: whole, 2/3/4: first/middle/last
-    fragment), data; a block's last < 7 bytes are padding)."""
-    data = path.read_bytes()
+def wandb_records(path: Path, timeout_s: float = 60.0) -> list[Any]:
+    """Every record of a ``run-<id>.wandb`` file, up to its ``exit`` record (W&B's service
+    writes the file in the background, and may do so after ``finish`` has returned)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = parse_records(path.read_bytes())
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout_s} s"
+        time.sleep(0.2)
+
+
+def parse_records(data: bytes) -> list[Any]:
+    """The records of a ``.wandb`` file's bytes, parsed here from the format (a record: crc32
+    (4 bytes), length (2, little-endian), kind (1: whole, 2/3/4: first/middle/last fragment),
+    data; a block's last < 7 bytes are padding)."""
     assert data[:4] == b":W&B"
     pos, pending, records = 7, b"", []
     while pos + 7 <= len(data):
@@ -45,6 +57,8 @@ def wandb_records(path: Path) -> list[Any]:
             pos += BLOCK - pos % BLOCK
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # still being written
+            break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):

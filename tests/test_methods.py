@@ -116,7 +116,7 @@ def test_instdisc_bank_update_after_step_only() -> None:
     model([x], index)
     assert torch.equal(model.bank, before)  # forward alone (a skipped step) changes nothing
     feats = model.encoder([x])[0].detach().double()
-    model.after_step(0.1)
+    model.after_step()
     for b, i in enumerate(index.tolist()):
         f = unit(feats[b].tolist())
         row = unit([0.5 * m + 0.5 * v for m, v in zip(before[i].tolist(), f, strict=True)])
@@ -174,14 +174,14 @@ def test_moco_enqueue_and_momentum_update_after_step() -> None:
         for p in model.encoder.parameters():
             p.add_(1.0)  # stands in for the optimizer step
     old_keys = [k.clone() for k in model.key_encoder.parameters()]
-    model.after_step(0.1)
+    model.after_step()
     torch.testing.assert_close(model.queue[:4], keys)
     assert torch.equal(model.queue[4:], queue[4:]) and model.queue_ptr.item() == 4
     for q, k, old in zip(model.encoder.parameters(), model.key_encoder.parameters(), old_keys,
                          strict=True):
         torch.testing.assert_close(k.double(), 0.9 * old.double() + 0.1 * q.double())
     model([images(4, 2), images(4, 3)], torch.arange(4))
-    model.after_step(0.1)
+    model.after_step()
     assert model.queue_ptr.item() == 0  # wrapped around
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pic.engine.checkpoint import FORMAT, atomic_save
-from pic.engine.trainer import TrainState
+from pic.engine.checkpoint import FORMAT, TrainState, atomic_save
 from pic.report import find_runs, knn_curve, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-import pic.engine.trainer as trainer_module
+import pic.engine.checkpoint as checkpoint_module
 from pic.data.samplers import EpochSampler
 from pic.engine.checkpoint import load_checkpoint
 from pic.engine.optim import sgd
@@ -155,8 +155,8 @@ def test_resume_is_exact_with_bf16_and_channels_last(tmp_path: Path) -> None:
 def test_each_checkpoint_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          max_steps: int, every: int, saved_at: list[int]) -> None:
     saves: list[int] = []
-    save = trainer_module.atomic_save
-    monkeypatch.setattr(trainer_module, "atomic_save",
+    save = checkpoint_module.atomic_save
+    monkeypatch.setattr(checkpoint_module, "atomic_save",
                         lambda obj, path: (saves.append(obj["state"]["step"]), save(obj, path)))
     fit(tiny_pic(), tmp_path, max_steps, checkpoint_every=every)
     assert saves == saved_at

@@ -19,7 +19,7 @@ from typing import Any, Union
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _PRIMITIVES = (int, float, str, bool)
@@ -112,3 +112,21 @@ def _root_schema() -> type:
         ("output_dir", typing.Optional[str], dataclasses.field(default=None)),  # noqa: UP045
     ]
     return dataclasses.make_dataclass("RootConfig", fields)
+
+
+def config_dict(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` as plain, resolved containers (what travels to processes, jobs, checkpoints)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """The config ``launch.py`` composes for ``overrides``, outside a Hydra app (tests, bench).
+
+    Keys that read Hydra's runtime (``name``) need an override or ``return_hydra_config``.
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides),
+                       return_hydra_config=return_hydra_config)

@@ -10,7 +10,6 @@ PIC / the bank row of InstDisc), ``label`` (the class, for evaluation only) and 
 from __future__ import annotations
 
 import logging
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -107,57 +106,3 @@ class ImageData(ABC):
     def build(self, split: str, transform: Transform, rank: int = 0,
               world_size: int = 1) -> InstanceDataset:
         """The ``train`` or ``val`` split; validates its files now (errors name file and line)."""
-
-
-class SeededItems(torch.utils.data.Dataset):
-    """Reseeds the random generators from (seed, epoch, global position) before each item.
-
-    The random augmentation of a sample is then a function of those numbers alone: independent
-    of the number of loader workers, identical after a resume, and — since rank r's p-th sample
-    is the global window's (p·world + r)-th — the same for any number of processes.
-    Indices come from :class:`RunSampler` as ``(epoch, position, index)``.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.dataset = dataset
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        epoch, position, index = key
-        global_position = position * self.world_size + self.rank
-        item_seed = hash((self.seed, epoch, global_position)) & 0x7FFF_FFFF_FFFF
-        torch.manual_seed(item_seed)
-        random.seed(item_seed)
-        return self.dataset[index]
-
-
-class RunSampler(torch.utils.data.Sampler):
-    """All the indices of a run, epoch after epoch, tagged ``(epoch, position, index)``.
-
-    One loader serves the whole run (workers and prefetching carry across epochs). Each epoch
-    is cut to a whole number of per-rank batches, so no batch straddles two epochs, and the run
-    starts at (``epoch``, ``start``) — a mid-epoch resume.
-    """
-
-    def __init__(self, sampler: Any, batch_size: int, epoch: int, start: int,
-                 num_epochs: int) -> None:
-        self.sampler, self.batch_size = sampler, batch_size
-        self.epoch, self.start, self.num_epochs = epoch, start, num_epochs
-        self.epoch_len = len(sampler) // batch_size * batch_size
-
-    def __len__(self) -> int:
-        return max(0, (self.num_epochs - self.epoch) * self.epoch_len - self.start)
-
-    def __iter__(self):
-        start = self.start
-        for epoch in range(self.epoch, self.num_epochs):
-            self.sampler.set_epoch(epoch, start)
-            for position, index in enumerate(self.sampler, start):
-                if position >= self.epoch_len:
-                    break
-                yield (epoch, position, int(index))
-            start = 0

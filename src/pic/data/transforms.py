@@ -116,7 +116,7 @@ class ColorJitter:
             *self.factors)
 
 
-def simclr_colour(size: int, strength: float = 0.8, hue: float = 0.2) -> list[v2.Transform]:
+def simclr_colour(strength: float = 0.8, hue: float = 0.2) -> list[v2.Transform]:
     """SimCLR colour pipeline: jitter (p=0.8), grayscale (p=0.2), blur sigma 0.1-2 (p=0.5)."""
     return [
         v2.RandomApply([ColorJitter(strength, strength, strength, hue)], p=0.8),
@@ -227,7 +227,7 @@ def simclr(size: int, mean: list[float], std: list[float], num_views: int = 2) -
     pipeline = v2.Compose(
         [
             v2.RandomHorizontalFlip(),
-            *simclr_colour(size),
+            *simclr_colour(),
             *_to_normalised_tensor(mean, std),
         ]
     )
@@ -340,7 +340,7 @@ class MultiCrop:
             v2.Compose(
                 [
                     v2.RandomHorizontalFlip(),
-                    *simclr_colour(g.size),
+                    *simclr_colour(),
                     *_to_normalised_tensor(mean, std),
                 ]
             )

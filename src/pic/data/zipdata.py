@@ -63,7 +63,6 @@ class ZipDataset(EncodedImageDataset):
         world_size: int = 1,
     ) -> None:
         self.zip_path = zip_path
-        self.map_path = map_path
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = -1
         names, labels = read_map(map_path)

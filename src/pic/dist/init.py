@@ -15,6 +15,18 @@ log = logging.getLogger(__name__)
 _ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
+def local_device() -> torch.device:
+    """This process's device: the GPU of its local rank (``LOCAL_RANK``), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"local rank {local_rank} has no GPU: this node has "
+                           f"{torch.cuda.device_count()}; start at most that many processes "
+                           "per node (cluster.nproc_per_node)")
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed() -> torch.device:
     """Initialise ``torch.distributed`` for this process and return its device.
 
@@ -30,14 +42,8 @@ def init_distributed() -> torch.device:
         # Not CUDA_VISIBLE_DEVICES: every launcher pins the GPU the same way, below.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU: this node has "
-                               f"{torch.cuda.device_count()}; start at most that many processes "
-                               "per node (cluster.nproc_per_node)")
-        device = torch.device("cuda", local_rank)
+    device = local_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not tdist.is_initialized():
         missing = [name for name in _ENV if name not in os.environ]

@@ -23,15 +23,12 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import config_dict
 from .init import init_distributed
 
 log = logging.getLogger(__name__)
 
 Run = Callable[[DictConfig], Any]
-
-
-def _resolved(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def _configure_logging(rank: int) -> None:
@@ -86,7 +83,7 @@ class Local:
         ctx = mp.get_context("spawn")
         results = ctx.SimpleQueue()
         procs = mp.start_processes(_local_worker, nprocs=nproc, join=False, start_method="spawn",
-                                   args=(nproc, _free_port(), _resolved(cfg), run, results))
+                                   args=(nproc, _free_port(), config_dict(cfg), run, results))
         result = None
         # Read while waiting: a result larger than a pipe's buffer would block its writer.
         while not procs.join(timeout=0.5):
@@ -176,7 +173,7 @@ class Slurm:
         executor = submitit.SlurmExecutor(folder=run_dir / "slurm",
                                           max_num_timeout=self.max_requeue)
         executor.update_parameters(**self.sbatch_parameters(str(cfg.get("name", "pic"))))
-        job = executor.submit(SlurmJob(_resolved(cfg), run, self.max_requeue))
+        job = executor.submit(SlurmJob(config_dict(cfg), run, self.max_requeue))
         manifest_dir, overrides = _hydra_context(run_dir)
         record = {"job_id": job.job_id, "run_dir": str(run_dir), "overrides": overrides,
                   "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}

@@ -1,10 +1,10 @@
 """Per-iteration learning-rate schedules with linear warmup.
 
 A schedule option builds a factory; the trainer completes it with the run's length:
-``schedule(base_lr, total_steps, steps_per_epoch)`` returns ``lr_at(step)``. Epoch-valued
-settings (warmup, milestones) are converted with ``steps_per_epoch`` — the iterations of one
-pass over the N training images, whatever the sampler — so that the sliding-window scheduler
-keeps the meaning of an "epoch".
+``schedule(base_lr, total_steps, steps_per_pass)`` returns ``lr_at(step)``. Epoch-valued
+settings (warmup, milestones) are converted with ``steps_per_pass`` — the iterations of one
+pass over the N training images, whatever the sampler's epoch (a window) — so that the
+sliding-window sampler keeps the meaning of an "epoch".
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ class _Warmup:
         self.warmup_epochs = warmup_epochs
         self.warmup_start_factor = warmup_start_factor
 
-    def _warmup_steps(self, total_steps: int, steps_per_epoch: float) -> int:
+    def _warmup_steps(self, total_steps: int, steps_per_pass: float) -> int:
         if self.warmup_epochs is None:  # the PIC paper's rule: epochs / 40
             return round(total_steps / 40)
-        return round(self.warmup_epochs * steps_per_epoch)
+        return round(self.warmup_epochs * steps_per_pass)
 
     def _warm(self, step: int, warmup: int, base_lr: float) -> float | None:
         if step >= warmup:
@@ -42,8 +42,8 @@ class Cosine(_Warmup):
         self.final_lr = final_lr
 
     def __call__(self, base_lr: float, total_steps: int,
-                 steps_per_epoch: float) -> Callable[[int], float]:
-        warmup = self._warmup_steps(total_steps, steps_per_epoch)
+                 steps_per_pass: float) -> Callable[[int], float]:
+        warmup = self._warmup_steps(total_steps, steps_per_pass)
 
         def lr_at(step: int) -> float:
             warm = self._warm(step, warmup, base_lr)
@@ -69,9 +69,9 @@ class Step(_Warmup):
         self.gamma = gamma
 
     def __call__(self, base_lr: float, total_steps: int,
-                 steps_per_epoch: float) -> Callable[[int], float]:
-        warmup = self._warmup_steps(total_steps, steps_per_epoch)
-        bounds = [round(m * steps_per_epoch) for m in self.milestones]
+                 steps_per_pass: float) -> Callable[[int], float]:
+        warmup = self._warmup_steps(total_steps, steps_per_pass)
+        bounds = [round(m * steps_per_pass) for m in self.milestones]
 
         def lr_at(step: int) -> float:
             warm = self._warm(step, warmup, base_lr)

@@ -38,8 +38,7 @@ class Logger:
         return {k if summary and phase and k.startswith(phase) else self.prefix + k: v
                 for k, v in metrics.items()}
 
-    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None,
-              name: str | None = None) -> None:
+    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> None:
         self.run_id = run_id or self.run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -99,8 +98,7 @@ class WandbLogger(Logger):
         self.group, self.job_type, self.tags = group, job_type, list(tags or [])
         self.run = None
 
-    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None,
-              name: str | None = None) -> None:
+    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -110,7 +108,7 @@ class WandbLogger(Logger):
                               id=run_id or self.run_id, resume="allow",
                               group=self.group or names["group"],
                               job_type=self.job_type or names["job_type"], tags=self.tags,
-                              name=name or names["name"], settings=wandb.Settings(console="off"))
+                              name=names["name"], settings=wandb.Settings(console="off"))
         if self.prefix:  # a continued phase's charts also get their own step axis
             self.run.define_metric(f"{self.prefix}step")
             self.run.define_metric(f"{self.prefix}*", step_metric=f"{self.prefix}step")
@@ -140,11 +138,10 @@ class TensorBoardLogger(Logger):
         self.writer = None
         self.last_step = 0
 
-    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None,
-              name: str | None = None) -> None:
+    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        super().start(run_dir, config, run_id, name)
+        super().start(run_dir, config, run_id)
         self.writer = SummaryWriter(str(Path(self.run_dir or run_dir) / self.subdir),
                                     flush_secs=self.flush_secs)
         text = json.dumps(config, indent=2, sort_keys=True, default=str)

@@ -8,7 +8,34 @@ from torch import nn
 from ..networks.heads import MultiCropEncoder, projection_head
 
 
-class Method(nn.Module):
+class Trainable(nn.Module):
+    """What the trainer drives: ``forward(crops, index) -> (loss, metrics)`` and three hooks,
+    each a no-op unless a method needs it. The trainer calls them always, in this order:
+
+    - :meth:`attach` once, before the first step, with the optimizer of the run: a method that
+      updates state of its own (a sampled classifier's rows) reads each step's learning rate,
+      momentum and weight decay from its ``param_groups`` (one source of truth);
+    - :meth:`after_step` after every optimizer step that was applied (a skipped step, with a
+      non-finite loss or gradient, calls nothing). What ``forward`` produced for the update
+      (keys to enqueue, bank rows, classifier rows) is kept by the method until then;
+    - :meth:`sync_state` before every checkpoint: lazily updated state made current.
+    """
+
+    def forward(self, crops: list[torch.Tensor], index: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once by the trainer, before training, with the run's optimizer."""
+
+    def after_step(self) -> None:
+        """Called after every applied optimizer step (EMA updates, bank/queue/row updates)."""
+
+    def sync_state(self) -> None:
+        """Called before every checkpoint: make every buffer current."""
+
+
+class Method(Trainable):
     """A self-supervised method: an encoder (backbone + head) and a loss over crop groups.
 
     ``forward(crops, index)`` takes the list of crop batches (B×3×H×W each, grouped by
@@ -27,11 +54,3 @@ class Method(nn.Module):
     def backbone(self) -> nn.Module:
         """The network whose pooled features are evaluated (kNN, linear)."""
         return self.encoder.backbone
-
-    def forward(self, crops: list[torch.Tensor], index: torch.Tensor
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def after_step(self, lr: float) -> None:
-        """Called after every optimizer step (EMA updates, lazy classifier updates); ``lr`` is
-        the learning rate the step used."""

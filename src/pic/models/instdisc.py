@@ -76,7 +76,7 @@ class InstDisc(Method):
         self.z.fill_(dist.all_reduce_mean(z).item())
 
     @torch.no_grad()
-    def after_step(self, lr: float) -> None:
+    def after_step(self) -> None:
         """Move the batch's bank rows towards their new features (every rank's batch)."""
         if self._pending is None:
             return

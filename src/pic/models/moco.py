@@ -86,7 +86,7 @@ class MoCo(Method):
         return loss, {"loss": loss.detach(), "positive_sim": positive_sim}
 
     @torch.no_grad()
-    def after_step(self, lr: float) -> None:
+    def after_step(self) -> None:
         """Enqueue the step's keys, then move the key encoder towards the updated query
         encoder, so the next keys come from θ_k updated before they are computed."""
         if self._pending is not None:

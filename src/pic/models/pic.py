@@ -72,8 +72,11 @@ class PIC(Method):
             loss = (loss * len(large) + small_loss * len(small)) / len(features)
         return loss, {"loss": loss.detach()}
 
-    def after_step(self, lr: float) -> None:
-        self.classifier.after_step(lr)
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+
+    def after_step(self) -> None:
+        self.classifier.after_step(self._optimizer.param_groups[0]["lr"])
 
     def sync_state(self) -> None:
         """Called by the trainer before every checkpoint: the classifier state made current."""

@@ -8,8 +8,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ..config import config_dict
 from ..engine.trainer import resolve_device
-from .common import config_dict, eval_splits, make_logger, write_results
+from .common import eval_splits, make_logger, write_results
 from .linear import load_backbone
 
 
@@ -23,7 +24,7 @@ class KNNTask:
             raise ValueError("task=knn needs pretrained=PATH (a current.pth of a pretraining run)")
         backbone = load_backbone(instantiate(cfg.backbone), cfg.pretrained)
         data = instantiate(cfg.data)
-        bank_set, val_set = eval_splits(cfg, data)
+        bank_set, val_set = eval_splits(data)
         knn = instantiate(cfg.eval)
         scores = knn.evaluate(backbone.to(self.device), bank_set, val_set, data.num_classes,
                               self.device, self.num_workers)

@@ -25,12 +25,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import dist
+from ..config import config_dict
 from ..data.samplers import EpochSampler
 from ..data.transforms import linear as linear_augmentation
-from ..engine.checkpoint import atomic_write_text, backbone_state, load_checkpoint
+from ..engine.checkpoint import atomic_write_text, backbone_state, load_checkpoint, seed_everything
 from ..engine.optim import sgd
 from ..engine.schedules import Cosine
-from .common import config_dict, eval_splits, make_logger, seed_everything, write_results
+from ..models.base import Trainable
+from .common import eval_splits, make_logger, train_sampler, write_results
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def load_backbone(backbone: nn.Module, path: str | Path) -> nn.Module:
     return backbone
 
 
-class LinearProbe(nn.Module):
+class LinearProbe(Trainable):
     """A frozen backbone and one trainable linear layer on its pooled features.
 
     ``labels`` (N, int64) maps a training instance index to its class, since the trainer hands
@@ -89,9 +91,6 @@ class LinearProbe(nn.Module):
         loss = F.cross_entropy(logits.float(), target)
         top1 = (logits.argmax(dim=1) == target).float().mean() * 100
         return loss, {"loss": loss.detach(), "train_top1": top1.detach()}
-
-    def after_step(self, lr: float) -> None:
-        """Nothing to update after a step (the trainer's hook)."""
 
 
 @torch.no_grad()
@@ -162,17 +161,16 @@ class LinearEval:
         out_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         trainer = instantiate(cfg.trainer, epochs=self.epochs, batch_size=self.batch_size)
-        trainer.config = config_dict(cfg)
         rank, world = dist.get_rank(), dist.get_world_size()
         data = instantiate(cfg.data)
         train_set = data.build("train", linear_augmentation(data.image_size, data.mean, data.std),
                                rank, world)
-        _, val_set = eval_splits(cfg, data)
+        _, val_set = eval_splits(data)
         labels = torch.tensor([train_set.label(i) for i in range(len(train_set))])
         backbone = load_backbone(instantiate(cfg.backbone), pretrained)
         probe = LinearProbe(backbone, data.num_classes, labels,
                             self.bn_train_mode).to(trainer.device)
-        sampler = EpochSampler(len(train_set), cfg.seed, rank, world, train_set.rank_indices)
+        sampler = train_sampler(EpochSampler, train_set, cfg.seed)
         optimizer = sgd(probe, self.batch_size, self.lr, self.momentum, self.weight_decay)
         eval_batch = trainer.per_rank_batch()
 
@@ -198,7 +196,7 @@ class LinearEval:
             logger.continue_run(*continued, prefix="linear/")
         summary = trainer.fit(probe, train_set, sampler, optimizer,
                               Cosine(warmup_epochs=self.warmup_epochs), out_dir, logger, cfg.seed,
-                              resume=cfg.auto_resume, epoch_end=lambda _, passes: record(passes))
+                              resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg))
         if summary["epochs"] not in history:  # stopped between epochs (max_steps, preemption)
             logger.log(record(summary["epochs"]), summary["steps"])
         rows = [history[e] for e in sorted(history) if e <= summary["epochs"]]

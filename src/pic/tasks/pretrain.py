@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from .. import dist
-from ..engine.checkpoint import atomic_write_text
+from ..config import config_dict
+from ..engine.checkpoint import atomic_write_text, seed_everything
 from ..engine.knn import extract_features
-from .common import config_dict, eval_splits, make_logger, seed_everything, write_results
+from .common import eval_splits, make_logger, train_sampler, write_results
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +34,15 @@ class Pretrain:
     def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         seed_everything(cfg.seed)
         trainer = instantiate(cfg.trainer)
-        trainer.config = config_dict(cfg)
         rank, world = dist.get_rank(), dist.get_world_size()
         data = instantiate(cfg.data)
         train_set = data.build("train", instantiate(cfg.augmentation), rank, world)
         model = instantiate(cfg.model, backbone=instantiate(cfg.backbone),
                             num_instances=len(train_set)).to(trainer.device)
-        sampler = instantiate(cfg.sampler, dataset_size=len(train_set), seed=cfg.seed, rank=rank,
-                              world_size=world, indices=train_set.rank_indices)
+        sampler = train_sampler(partial(instantiate, cfg.sampler), train_set, cfg.seed)
         optimizer = instantiate(cfg.optimizer, model=model, batch_size=trainer.batch_size)
         knn = instantiate(cfg.eval)
-        bank_set, val_set = eval_splits(cfg, data)
+        bank_set, val_set = eval_splits(data)
 
         def knn_eval() -> dict[str, float]:
             return knn.evaluate(model.backbone, bank_set, val_set, data.num_classes,
@@ -62,7 +62,7 @@ class Pretrain:
         knn_history = (json.loads(history_path.read_text())
                        if cfg.auto_resume and history_path.is_file() else [])
 
-        def epoch_end(epoch: int, passes: float) -> dict[str, float]:
+        def epoch_end(passes: float) -> dict[str, float]:
             if not (knn.every and int(passes) % knn.every == 0 and passes - int(passes) < 1e-9):
                 return {}
             scores = knn_eval()
@@ -75,7 +75,7 @@ class Pretrain:
         logger = make_logger(cfg)
         summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
                               out_dir, logger, cfg.seed, resume=cfg.auto_resume,
-                              epoch_end=epoch_end)
+                              epoch_end=epoch_end, config=config_dict(cfg))
         results: dict[str, Any] = {k: v for k, v in summary.items() if k != "loss_history"}
         final = knn_eval()
         results.update(knn_top1=final["top1"], knn_top5=final["top5"], method=cfg.model._target_,
