@@ -16,6 +16,8 @@ from .. import dist
 from ..config import config_dict
 from ..engine.checkpoint import atomic_write_text, seed_everything
 from ..engine.knn import extract_features
+from ..engine.online_probe import OnlineProbe
+from ..engine.optim import scaled_lr
 from .common import eval_splits, make_logger, train_sampler, write_results
 
 log = logging.getLogger(__name__)
@@ -25,11 +27,16 @@ class Pretrain:
     """Pretrain ``cfg.model`` on ``cfg.data``; compare kNN accuracy with the random init.
 
     ``plot`` writes ``summary.png`` (loss curve + t-SNE of held-out features).
+    ``online_probe``: train a linear classifier on the detached backbone features of the
+    training batches (SGD, ``online_probe_lr`` per 256 images, momentum 0.9) and report its
+    validation top-1 beside every kNN evaluation (:mod:`pic.engine.online_probe`).
     """
 
-    def __init__(self, knn_random_init: bool = True, plot: bool = True) -> None:
+    def __init__(self, knn_random_init: bool = True, plot: bool = True,
+                 online_probe: bool = False, online_probe_lr: float = 0.1) -> None:
         self.knn_random_init = knn_random_init
         self.plot = plot
+        self.online_probe, self.online_probe_lr = online_probe, online_probe_lr
 
     def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         seed_everything(cfg.seed)
@@ -43,10 +50,25 @@ class Pretrain:
         optimizer = instantiate(cfg.optimizer, model=model, batch_size=trainer.batch_size)
         knn = instantiate(cfg.eval)
         bank_set, val_set = eval_splits(data)
+        probe = None
+        if self.online_probe:
+            labels = torch.tensor([train_set.label(i) for i in range(len(train_set))])
+            probe = OnlineProbe(model.backbone.out_dim, data.num_classes, labels,
+                                scaled_lr(self.online_probe_lr, trainer.batch_size))
+            probe.to(trainer.device).attach(model)
 
         def knn_eval() -> dict[str, float]:
             return knn.evaluate(model.backbone, bank_set, val_set, data.num_classes,
                                 trainer.device, trainer.num_workers)
+
+        def monitor() -> dict[str, float]:
+            """kNN top-1/top-5 (top1, top5), and the online probe's (online_probe_top1/5)."""
+            scores = knn_eval()
+            if probe is not None:
+                probed = probe.evaluate(model.backbone, val_set, knn.batch_size, trainer.device,
+                                        trainer.num_workers)
+                scores.update({f"online_probe_{k}": v for k, v in probed.items()})
+            return scores
 
         # The same network at its random initialisation: the baseline a method must beat.
         # Computed once, before the first step, and kept beside the checkpoint for resumes.
@@ -65,19 +87,20 @@ class Pretrain:
         def epoch_end(passes: float) -> dict[str, float]:
             if not (knn.every and int(passes) % knn.every == 0 and passes - int(passes) < 1e-9):
                 return {}
-            scores = knn_eval()
+            scores = monitor()
             knn_history[:] = [h for h in knn_history if h["epoch"] != passes]
             knn_history.append({"epoch": passes, **scores})
             if dist.is_main():
                 atomic_write_text(json.dumps(knn_history), history_path)
-            return {f"knn_{k}": v for k, v in scores.items()}
+            return {k if k.startswith("online") else f"knn_{k}": v for k, v in scores.items()}
 
         logger = make_logger(cfg)
         summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
                               out_dir, logger, cfg.seed, resume=cfg.auto_resume,
                               epoch_end=epoch_end, config=config_dict(cfg))
         results: dict[str, Any] = {k: v for k, v in summary.items() if k != "loss_history"}
-        final = knn_eval()
+        final = monitor()
+        results.update({k: v for k, v in final.items() if k.startswith("online_probe")})
         results.update(knn_top1=final["top1"], knn_top5=final["top5"], method=cfg.model._target_,
                        num_instances=len(train_set), world_size=world,
                        knn_history=sorted(knn_history, key=lambda h: h["epoch"]))
