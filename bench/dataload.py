@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
+from pic.data.base import IMAGENET_MEAN, IMAGENET_STD
 from pic.data.decode import describe_decoder
-from pic.data.encoded import IMAGENET_MEAN, IMAGENET_STD
 from pic.data.folder import FolderData
 from pic.data.make_zip import make_zip
 from pic.data.transforms import GaussianBlur, adjust_hue, linear, simclr

@@ -192,7 +192,8 @@ def overhead(method: str, overrides: list[str], repeats: int, steps: int) -> dic
         step += steps
     ratios = sorted(p / b for p, b in zip(plat_times, bare_times, strict=True))
     return {
-        "method": method, "batch": cfg.trainer.batch_size, "precision": cfg.trainer.precision,
+        "method": method, "batch": cfg.trainer.batch_size,
+        "precision": platform_setup.trainer.precision,
         "channels_last": cfg.trainer.channels_last,
         "optimizer": type(platform_setup.optimizer).__name__,
         "platform": steps / statistics.median(plat_times),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
 import shutil
 import zipfile
@@ -316,3 +318,95 @@ def test_torchvision_decoder_falls_back_to_pil_for_other_formats(tmp_path):
     item = FolderData(str(tmp_path), decoder="torchvision").build("train", to_array)[0]
     assert item["replaced"] == 0
     np.testing.assert_array_equal(item["crops"][0], pixels)
+
+
+# ---------------------------------------------------------------- labels and names (issue 15)
+
+
+def _map_lines(zip_root: Path, split: str) -> list[str]:
+    return (zip_root / f"{split}_map.txt").read_text().splitlines()
+
+
+def test_val_label_outside_the_train_classes_is_named(zip_root):
+    lines = _map_lines(zip_root, "val")
+    lines[3] = lines[3].rsplit(maxsplit=1)[0] + " 7"  # 3 train classes: 0..2
+    (zip_root / "val_map.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"val_map.txt:4: label 7 is not a class of .*"
+                                         r"train_map.txt \(labels 0..2\); 1 such line"):
+        ZipData(str(zip_root)).build("val", to_array)
+
+
+def test_train_label_that_makes_empty_classes_is_named(zip_root):
+    lines = _map_lines(zip_root, "train")
+    lines[5] = lines[5].rsplit(maxsplit=1)[0] + " 999"
+    (zip_root / "train_map.txt").write_text("\n".join(lines) + "\n")
+    message = r"train_map.txt:6: label 999 makes 1000 classes, but 996 of them have no image"
+    with pytest.raises(ValueError, match=message):
+        ZipData(str(zip_root)).num_classes  # noqa: B018 (the property reads the map)
+    with pytest.raises(ValueError, match=message):
+        ZipData(str(zip_root)).build("train", to_array)
+
+
+def test_duplicated_map_lines_are_counted_in_a_warning(zip_root, caplog):
+    lines = _map_lines(zip_root, "train")
+    (zip_root / "train_map.txt").write_text("\n".join([*lines, lines[0], "", lines[2]]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        dataset = ZipData(str(zip_root)).build("train", to_array)
+    assert len(dataset) == len(lines) + 2  # kept (instance indices follow the lines), but said
+    assert re.search(rf"train_map.txt: 2 duplicated line\(s\).*line {len(lines) + 1} repeats "
+                     r"line 1", caplog.text)
+
+
+def test_val_class_absent_from_train_is_named(tree):
+    root = tree[0]
+    write_png(root / "val" / "n99" / "x.png", 3)
+    with pytest.raises(ValueError, match=f"{root / 'val' / 'n99'} is not a class of "
+                                         f"{root / 'train'}"):
+        FolderData(str(root)).build("val", to_array)
+
+
+def test_map_file_that_is_not_utf8_is_named_with_its_line(zip_root):
+    lines = _map_lines(zip_root, "train")
+    data = ("\n".join(lines[:2]) + "\n").encode() + b"caf\xe9.png 0\n"
+    (zip_root / "train_map.txt").write_bytes(data)
+    with pytest.raises(ValueError, match=r"train_map.txt:3: not UTF-8 text \(byte 0xe9 at "
+                                         r"column 4\)"):
+        ZipData(str(zip_root)).build("train", to_array)
+
+
+def test_warning_for_a_corrupt_image_with_a_non_utf8_name_is_logged(tree):
+    """The log stream is strict UTF-8 (as a UTF-8 terminal or log file): before, the warning's
+    path (lone surrogates) failed the write and the warning was lost."""
+    root = tree[0]
+    bad = os.fsencode(root / "train" / "n01") + b"/caf\xe9.png"  # first of n01, index 0
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG truncated")
+    dataset = FolderData(str(root)).build("train", to_array)
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("pic.data.base")
+    logger.addHandler(handler)
+    try:
+        item = dataset[0]
+    finally:
+        logger.removeHandler(handler)
+    assert item["replaced"] == 1
+    stream.flush()
+    text = stream.buffer.getvalue().decode()
+    assert "skipping unreadable image" in text and "caf\\xe9.png" in text
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_fingerprint_follows_the_listing_not_the_location(tree, zip_root, tmp_path, kind):
+    root = tree[0] if kind == "folder" else zip_root
+    factory = FolderData if kind == "folder" else ZipData
+    before = factory(str(root)).build("train", to_array).fingerprint()
+    moved = shutil.copytree(root, tmp_path / "elsewhere")
+    assert factory(str(moved)).build("train", to_array).fingerprint() == before
+    assert factory(str(root)).build("val", to_array).fingerprint() != before
+    if kind == "folder":
+        (moved / "train" / "n01" / "img0.png").unlink()
+    else:
+        lines = _map_lines(moved, "train")
+        (moved / "train_map.txt").write_text("\n".join(lines[1:]) + "\n")
+    assert factory(str(moved)).build("train", to_array).fingerprint() != before

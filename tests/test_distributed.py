@@ -9,6 +9,8 @@ property against a single-process computation.
   which couples the loss to how the batch is split, so only a BN-free network can match.
 - InstDisc bank and MoCo queue are identical on both ranks after several steps.
 - MoCo's shuffle BN permutes the global batch across ranks before the key encoder.
+- Every method takes a step under bf16 and under fp16 autocast (SyncBN keeps its statistics
+  in fp32), and SimCLR's 2-rank step under bf16 matches the 1-process one within bf16's error.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pic.networks.resnet import TinyResNet
 
 WORLD, BATCH, N = 2, 8, 16  # global batch of 8: 4 per rank
 SHUFFLE_SEED = 123
+METHODS = ("pic", "instdisc", "moco", "simclr")
 
 
 class NoBNNet(nn.Module):
@@ -68,32 +71,70 @@ def local(crops: list[torch.Tensor], index: torch.Tensor, rank: int, world: int
     return [c[part] for c in crops], index[part]
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, crops: list[torch.Tensor],
-               index: torch.Tensor) -> None:
-    """What the trainer does in one step (DDP wrap when distributed)."""
+               index: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """What the trainer does in one step (DDP wrap when distributed); returns the loss."""
     net = model
     if torch_dist.is_initialized():
         net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     model.attach(opt)
-    loss, _ = net(crops, index)
+    dtype = PRECISIONS[precision]
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss, _ = net(crops, index)
     opt.zero_grad()
     loss.backward()
     opt.step()
     model.after_step()
+    return loss.detach()
 
 
-def one_step(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """State after one step of SimCLR or PIC, run by ``world`` processes."""
+def one_step(name: str, rank: int, world: int, precision: str = "fp32", sync_bn: bool = True
+             ) -> dict[str, torch.Tensor]:
+    """State after one step of SimCLR or PIC, run by ``world`` processes; ``fp64``: the
+    model and data in float64 (the reference for the bf16 step)."""
     torch.manual_seed(0)
     if name == "simclr":
-        model = SimCLR(tiny(), feature_dim=8, temperature=0.1, sync_bn=True)
+        model = SimCLR(tiny(), feature_dim=8, temperature=0.1, sync_bn=sync_bn)
         opt = lars(model, BATCH, lr=0.3)
     else:
         model = PIC(NoBNNet(), num_instances=N, feature_dim=8, temperature=0.2,
                     classifier_init_norm=1.0)
         opt = sgd(model, BATCH, lr=0.3)
-    train_step(model, opt, *local(*batch(0), rank, world))
+    crops, index = local(*batch(0), rank, world)
+    if precision == "fp64":
+        model.double()
+        crops, precision = [c.double() for c in crops], "fp32"
+    train_step(model, opt, crops, index, precision)
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def new_method(name: str) -> nn.Module:
+    """Each method on a backbone with BN (SimCLR's converted to SyncBN when distributed)."""
+    if name == "simclr":
+        return SimCLR(tiny(), feature_dim=8, sync_bn=True)
+    if name == "pic":
+        return PIC(tiny(), num_instances=N, feature_dim=8)
+    if name == "instdisc":
+        return InstDisc(tiny(), num_instances=N, feature_dim=8, num_negatives=5)
+    return MoCo(tiny(), num_instances=N, feature_dim=8, queue_size=BATCH)
+
+
+def autocast_step(name: str, precision: str, rank: int, world: int) -> dict:
+    """One step of a method under bf16 or fp16 autocast: the loss, the state after the step,
+    or the error that stopped it."""
+    torch.manual_seed(0)
+    model = new_method(name)
+    opt = lars(model, BATCH, lr=0.3) if name == "simclr" else sgd(model, BATCH, lr=0.3)
+    crops, index = local(*batch(0), rank, world)
+    try:
+        loss = train_step(model, opt, crops[:1] if name == "instdisc" else crops, index,
+                          precision)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {"loss": loss, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
 def several_steps(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -126,6 +167,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                   timeout=datetime.timedelta(seconds=60))
     try:
         results = {name: one_step(name, rank, world) for name in ("simclr", "pic")}
+        results["simclr_bf16"] = one_step("simclr", rank, world, "bf16")
+        results["simclr_bf16_local_bn"] = one_step("simclr", rank, world, "bf16", sync_bn=False)
+        results["autocast"] = {(name, precision): autocast_step(name, precision, rank, world)
+                               for name in METHODS for precision in ("bf16", "fp16")}
         results.update({name: several_steps(name, rank, world) for name in ("instdisc", "moco")})
         results["shuffle_bn"] = shuffle_bn(rank, world)
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -208,3 +253,55 @@ def test_moco_shuffle_bn_permutes_across_ranks(ranks) -> None:
     torch.testing.assert_close(got, expected)
     # Without the shuffle the keys would differ: the check above sees which samples shared BN.
     assert (nn.functional.normalize(unshuffled_bn, dim=1) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", METHODS)
+def test_one_step_under_autocast_on_two_ranks(ranks, name: str, precision: str) -> None:
+    got = [ranks[r]["autocast"][(name, precision)] for r in range(WORLD)]
+    for r in range(WORLD):
+        assert "error" not in got[r], got[r].get("error")
+        assert torch.isfinite(got[r]["loss"])
+    torch.manual_seed(0)
+    init = new_method(name).state_dict()
+    params = dict(new_method(name).named_parameters())
+    for key, value in got[0]["state"].items():
+        assert torch.isfinite(value.float()).all(), key
+        assert value.dtype == init[key].dtype, key  # buffers keep their dtype
+        if key in params:  # DDP averaged the gradients: both ranks took the same step
+            assert torch.equal(value, got[1]["state"][key]), key
+    moved = max((got[0]["state"][k].float() - init[k].float()).abs().max().item() for k in params)
+    assert moved > 1e-3
+    if name == "simclr":  # SyncBN: running statistics of the global batch, on both ranks
+        stats = [k for k in init if k.endswith(("running_mean", "running_var"))]
+        assert stats and all(torch.equal(got[0]["state"][k], got[1]["state"][k]) for k in stats)
+
+
+def test_simclr_two_ranks_equal_one_process_under_bf16(ranks) -> None:
+    """2 ranks × B/2 against 1 process × B, both under bf16 autocast. Both runs make the same
+    bf16 roundings of the same values (the split changes only the order of fp32 sums: the
+    SyncBN statistics, the gradient all-reduce), so each is as far from exact arithmetic as
+    the other, and by the triangle inequality they differ by at most twice the 1-process
+    step's error against a float64 step (plus twice its fp32 error, which covers tensors that
+    bf16 leaves exact). The bound is per tensor and comes from the run itself."""
+    single = one_step("simclr", rank=0, world=1, precision="bf16")
+    exact = one_step("simclr", rank=0, world=1, precision="fp64")
+    fp32 = one_step("simclr", rank=0, world=1)
+    torch.manual_seed(0)
+    init = SimCLR(tiny(), feature_dim=8).state_dict()
+    moved_far, local_bn_caught = False, False
+    for key, value in single.items():
+        if not value.is_floating_point():
+            assert all(torch.equal(ranks[r]["simclr_bf16"][key], value) for r in range(WORLD))
+            continue
+        value = value.double()
+        bound = 2 * ((value - exact[key]).norm() + (fp32[key].double() - exact[key]).norm())
+        for r in range(WORLD):
+            split = (ranks[r]["simclr_bf16"][key].double() - value).norm()
+            assert split <= bound, (key, split.item(), bound.item())
+        moved_far |= bool((value - init[key].double()).norm() > 10 * bound)
+        local_bn = (ranks[0]["simclr_bf16_local_bn"][key].double() - value).norm()
+        local_bn_caught |= bool(local_bn > 10 * bound)
+    # The step moved weights by far more than the bound, and per-rank BN statistics (the
+    # defect SyncBN exists to prevent) exceed it: the comparison has power.
+    assert moved_far and local_bn_caught

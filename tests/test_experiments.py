@@ -47,6 +47,10 @@ ROWS = {
                      EPOCH),
 }
 
+# The linear evaluation's (lr per 256, weight decay) in the authors' scripts, per method.
+LINEAR = {"pic.models.pic.PIC": (30.0, 0.0), "pic.models.instdisc.InstDisc": (30.0, 0.0),
+          "pic.models.moco.MoCo": (30.0, 0.0), "pic.models.simclr.SimCLR": (0.1, 1e-6)}
+
 
 def compose_cfg(*overrides: str, searchpath: bool = False) -> DictConfig:
     extra = [f"hydra.searchpath=[file://{ROOT}]"] if searchpath else []
@@ -68,18 +72,26 @@ def test_experiment_composes_with_the_authors_settings(name: str, cluster: str) 
     assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == (
         optimizer, lr, wd)
     assert cfg.schedule._target_ == "pic.engine.schedules.Cosine"
-    assert cfg.schedule.warmup_epochs is None  # the warmup is epochs / 40
+    # The authors' scripts warm up for epochs / 40 in integer arithmetic: 2 epochs at 100.
+    assert cfg.schedule.warmup_epochs == epochs // 40
+    lr_at = instantiate(cfg.schedule)(1.0, epochs * 10, 10)  # 10 steps per epoch
+    warmup = epochs // 40 * 10
+    assert lr_at(warmup - 1) < 1.0 and lr_at(warmup) == 1.0
     assert cfg.sampler._target_ == sampler
     assert cfg.hydra.runtime.choices.augmentation == augmentation
     # ImageNet-1k (zip format), ResNet-50, 4 GPUs.
     assert cfg.data._target_ == "pic.data.zipdata.ZipData" and cfg.data.image_size == 224
     assert (cfg.backbone.arch, cfg.backbone.small_images) == ("resnet50", False)
     assert cfg.cluster.nproc_per_node == 4
-    # Followed by the authors' code's linear evaluation.
+    # Followed by the authors' linear evaluation for that row: their main_linear (MoCo's
+    # protocol: lr 30, no weight decay) for PIC, InstDisc and MoCo v2; their SimCLR script's
+    # lr 0.1 and weight decay 1e-6 for SimCLR.
     task = cfg.task
     assert task._target_ == "pic.tasks.linear.LinearEval" and task.pretrain_first
+    linear_lr, linear_wd = LINEAR[model]
     assert (task.epochs, task.batch_size, task.lr, task.momentum, task.weight_decay,
-            task.warmup_epochs, task.bn_train_mode) == (100, 256, 30.0, 0.9, 0.0, 5.0, False)
+            task.warmup_epochs, task.bn_train_mode) == (100, 256, linear_lr, 0.9, linear_wd,
+                                                        5.0, False)
     # Crops per image, from the augmentation itself.
     views = instantiate(cfg.augmentation)(Image.new("RGB", (320, 240), (90, 120, 30)))
     assert [v.shape[-1] for v in views] == crops

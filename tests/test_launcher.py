@@ -26,7 +26,8 @@ from pic.collect import collect
 from pic.collect import main as collect_main
 from pic.dist import all_reduce_sum, get_rank, get_world_size, is_dist
 from pic.dist.init import init_distributed
-from pic.dist.launcher import Local, Slurm, SlurmJob
+from pic.launch.local import Local
+from pic.launch.slurm import Slurm, SlurmJob
 
 ROOT = Path(__file__).resolve().parents[1]
 

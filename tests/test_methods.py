@@ -19,6 +19,8 @@ from pic.models.simclr import SimCLR
 from pic.networks.resnet import TinyResNet
 from pic.networks.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
+from .helpers import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -256,6 +258,44 @@ def test_syncbn_conversion_keeps_state_and_is_plain_bn_in_one_process() -> None:
     x = images(6, 1)
     torch.testing.assert_close(converted(x), net(x))
     torch.testing.assert_close(converted.state_dict(), net.state_dict())
+
+
+# ----------------------------------------------------------------- each option, one recipe
+# model option: (augmentation's pipeline, views per image, schedule) of that method's paper.
+RECIPES = {
+    "pic": ("pic.data.transforms.simclr", 1, "pic.engine.schedules.Cosine"),
+    "instdisc": ("pic.data.transforms.instdisc", 1, "pic.engine.schedules.Cosine"),
+    "moco": ("pic.data.transforms.instdisc", 2, "pic.engine.schedules.Step"),
+    "mocov2": ("pic.data.transforms.mocov2", 2, "pic.engine.schedules.Cosine"),
+    "simclr": ("pic.data.transforms.simclr", 2, "pic.engine.schedules.Cosine"),
+}
+
+
+def views_of(cfg) -> list[int]:
+    """Crop sizes the composed augmentation makes of one image."""
+    from hydra.utils import instantiate
+    from PIL import Image
+    return [v.shape[-1] for v in instantiate(cfg.augmentation)(Image.new("RGB", (40, 40)))]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_model_option_selects_its_papers_augmentation(name: str) -> None:
+    """PIC: one view per image per iteration (the paper's "1x"); MoCo v1: two InstDisc views."""
+    target, views, schedule = RECIPES[name]
+    cfg = compose_config(f"model={name}")
+    assert (cfg.augmentation._target_, cfg.schedule._target_) == (target, schedule)
+    assert views_of(cfg) == [cfg.data.image_size] * views
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_model_option_leaves_the_augmentation_choice_free(name: str) -> None:
+    """A model option sets only model keys and default choices: any augmentation and view
+    count chosen on the command line is what the run gets (PIC with 2 views, any with
+    multi-crop)."""
+    two = compose_config(f"model={name}", "augmentation=simclr", "augmentation.num_views=3")
+    assert views_of(two) == [two.data.image_size] * 3
+    crops = compose_config(f"model={name}", "augmentation=multicrop")
+    assert views_of(crops) == [160, 96, 96, 96]
 
 
 # ---------------------------------------------------------------------------------- end to end

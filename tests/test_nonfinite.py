@@ -14,6 +14,7 @@ from torch import nn
 
 from pic.data.samplers import EpochSampler
 from pic.engine.checkpoint import load_checkpoint
+from pic.engine.health import DivergenceError
 from pic.engine.optim import sgd
 from pic.engine.schedules import Cosine
 from pic.engine.trainer import NonFiniteError, Trainer
@@ -87,20 +88,113 @@ def test_bad_steps_are_skipped_and_counted(tmp_path: Path) -> None:
         assert torch.isfinite(p).all()
 
 
-def test_a_run_of_bad_steps_stops_and_leaves_the_last_checkpoint(tmp_path: Path) -> None:
+def test_a_run_of_bad_steps_stops_and_leaves_the_last_good_checkpoint(tmp_path: Path) -> None:
     model = Flaky(nan_loss=set(range(7, 100)), inf_grad=set())
-    # Steps 7, 8, 9 are tolerated (max 3), the checkpoint of step 10 is written, step 10 stops.
+    # Steps 7, 8, 9 are tolerated (max 3), step 10 stops; the checkpoint due at step 10 falls
+    # in the bad streak and is not written: current.pth stays at step 5, the last good one.
     with pytest.raises(NonFiniteError, match=r"4 consecutive steps up to step 10 .*Likely "
                                              r"causes.*current\.pth is intact"):
         fit(model, tmp_path, 30, max_bad_steps=3, checkpoint_every=5)
     ckpt = load_checkpoint(tmp_path / "current.pth")
-    assert ckpt["state"]["step"] == 10 and ckpt["state"]["bad_steps"] == 3
+    assert ckpt["state"]["step"] == 5 and ckpt["state"]["bad_steps"] == 0
     fresh = Flaky(set(), set())
     fresh.load_state_dict(ckpt["model"])
-    good = model.seen[7]  # the parameters after the last good step (6)
+    good = model.seen[5]  # the parameters after step 5
     for p, q in zip(fresh.parameters(), good, strict=True):
         assert torch.equal(p, q) and torch.isfinite(p).all()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".current")] == []
+
+
+class BNFlaky(Method):
+    """A BatchNorm backbone (running statistics change in every forward); the loss is NaN
+    on ``nan_loss`` calls. Records the whole state (parameters and buffers) each call sees."""
+
+    def __init__(self, nan_loss: set[int]) -> None:
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.BatchNorm1d(8), nn.ReLU())
+        backbone.out_dim = 8
+        super().__init__(backbone, feature_dim=4, mlp_head=False)
+        self.nan_loss, self.calls = nan_loss, 0
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, crops, index):
+        self.seen.append({k: v.clone() for k, v in self.state_dict().items()})
+        loss = ((self.encoder(crops)[0] - 1) ** 2).mean()
+        if self.calls in self.nan_loss:
+            loss = loss * math.nan
+        self.calls += 1
+        return loss, {"loss": loss.detach()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_skipped_step_leaves_every_tensor_untouched(tmp_path: Path) -> None:
+    model = BNFlaky(nan_loss={3, 4, 8})
+    assert len(model.forward_state()) == 3  # running mean, variance and count
+    fit(model, tmp_path, 10)
+    for step in range(9):  # the state seen by call step+1 vs call step
+        assert _same(model.seen[step], model.seen[step + 1]) == (step in {3, 4, 8}), step
+
+
+def test_the_checkpoint_after_a_bad_streak_is_the_last_good_state(tmp_path: Path) -> None:
+    model = BNFlaky(nan_loss=set(range(7, 100)))
+    with pytest.raises(NonFiniteError):
+        fit(model, tmp_path, 30, max_bad_steps=3, checkpoint_every=5)
+    saved = load_checkpoint(tmp_path / "current.pth")["model"]
+    assert _same(saved, model.seen[5])  # after step 5, BN statistics included
+    assert _same(model.state_dict(), model.seen[7])  # skipped steps 7..10 changed nothing
+
+
+class BadAfterStep(Flaky):
+    """Finite losses, but ``after_step`` corrupts a tensor: ``what`` = a bank row (checked
+    at save) or a BN statistic (checked at every log point)."""
+
+    def __init__(self, at: int, what: str) -> None:
+        super().__init__(set(), set())
+        self.register_buffer("bank", torch.zeros(4, 2))
+        self.norm = nn.BatchNorm1d(2)
+        self.at, self.what, self.steps = at, what, 0
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.steps == self.at:
+            target = self.bank if self.what == "bank" else self.norm.running_var
+            target[0] = math.inf
+
+
+def test_a_non_finite_state_is_never_checkpointed(tmp_path: Path) -> None:
+    with pytest.raises(DivergenceError, match=r"step 5: not checkpointing, tensor bank holds NaN "
+                                              r"or inf; .*current.pth \(step 0\) is intact"):
+        fit(BadAfterStep(at=3, what="bank"), tmp_path, 30, checkpoint_every=5, log_every=50)
+    ckpt = load_checkpoint(tmp_path / "current.pth")
+    assert ckpt["state"]["step"] == 0
+
+
+def test_non_finite_forward_state_stops_at_the_next_log_point(tmp_path: Path) -> None:
+    with pytest.raises(DivergenceError, match=r"training diverged at step 8: norm.running_var "
+                                              r"holds NaN or inf"):
+        fit(BadAfterStep(at=6, what="norm"), tmp_path, 30, checkpoint_every=100, log_every=4)
+
+
+class Scripted(Flaky):
+    """Reports a scripted loss (a curve that learns, then falls back to chance)."""
+
+    def __init__(self, curve: list[float]) -> None:
+        super().__init__(set(), set())
+        self.curve = curve
+
+    def forward(self, crops, index):
+        loss, _ = super().forward(crops, index)
+        value = torch.tensor(self.curve[min(self.calls - 1, len(self.curve) - 1)])
+        return loss * 0 + value, {"loss": value}
+
+
+def test_a_loss_back_at_chance_stops_naming_the_step(tmp_path: Path) -> None:
+    curve = [7.0] * 2 + [5.0] * 2 + [3.0] * 2 + [7.0] * 20  # log windows of 2 steps
+    with pytest.raises(DivergenceError, match=r"training diverged at step 12: the loss fell "
+                                              r"from 7 .* to 3, then came back to 7"):
+        fit(Scripted(curve), tmp_path, 30, log_every=2)
 
 
 def test_sampled_pic_classifier_ignores_skipped_steps(tmp_path: Path,

@@ -7,6 +7,8 @@ Every wait is bounded so that a broken cluster fails fast instead of hanging the
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from tests.slurm.cluster import accounting_states
+from tests.slurm.cluster import SCRIPTS, accounting_states
 
 pytestmark = pytest.mark.slurm
 
@@ -149,3 +151,44 @@ def test_failing_job_is_not_requeued_and_raises_its_message(slurm_cluster, tmp_p
         job.result()
     assert accounting_states(job.job_id) == ["FAILED"]
     assert [p.name for p in marks.iterdir()] == ["attempt-0"]
+
+
+def ports(state: Path) -> dict[str, int]:
+    """The ports start.sh chose for a cluster: {daemon: port}."""
+    return {name: int(port) for name, port in
+            (line.split() for line in (state / "ports").read_text().splitlines())}
+
+
+def run_on(slurm_conf: Path, *cmd: str) -> str:
+    env = {**os.environ, "SLURM_CONF": str(slurm_conf)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True,
+                          env=env).stdout
+
+
+def test_a_second_cluster_runs_beside_the_first_and_stops_alone(slurm_cluster):
+    """Two test sessions on one machine: private state, ports and munged; stopping one leaves
+    the other working."""
+    first = slurm_cluster.state_dir
+    # No STATE_DIR: start.sh makes a private one, as a second session's fixture does.
+    started = subprocess.run(["bash", str(SCRIPTS / "start.sh")], capture_output=True,
+                             text=True, timeout=180)
+    exports = dict(line.removeprefix("export ").split("=", 1)
+                   for line in started.stdout.splitlines() if line.startswith("export "))
+    second = Path(exports.get("PIC_SLURM_STATE", "/nonexistent"))
+    try:
+        assert started.returncode == 0, started.stderr
+        assert second != first and exports["SLURM_CONF"] == f"{second}/etc/slurm.conf"
+        assert set(ports(first).values()).isdisjoint(ports(second).values())
+        for state in (first, second):
+            # A real job on each cluster: the whole chain (munge, slurmctld, slurmd) answers.
+            out = run_on(state / "etc" / "slurm.conf", "srun", "-N2", "-n2", "--time=1",
+                         "bash", "-c", "echo $SLURM_CONF:$SLURM_NODEID")
+            assert sorted(out.split()) == [f"{state}/etc/slurm.conf:{n}" for n in (0, 1)]
+    finally:
+        if second.is_dir():
+            subprocess.run(["bash", str(SCRIPTS / "stop.sh"), str(second)], timeout=120,
+                           check=True)
+    assert not list((second / "pids").iterdir())  # stop.sh stopped all it started
+    shutil.rmtree(second)
+    out = run_on(first / "etc" / "slurm.conf", "srun", "--time=1", "echo", "still-up")
+    assert out.split() == ["still-up"]

@@ -6,7 +6,12 @@ A tiny convolutional PIC (one 3×3 conv + BN) trained by the real Trainer on ran
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +23,12 @@ import pic.engine.checkpoint as checkpoint_module
 from pic.data.samplers import EpochSampler
 from pic.engine.checkpoint import load_checkpoint
 from pic.engine.optim import sgd
+from pic.engine.precision import Hardware, choose_precision
 from pic.engine.schedules import Cosine
-from pic.engine.trainer import Trainer
+from pic.engine.trainer import Trainer, resolve_device
 from pic.logging.loggers import NoLogger
 from pic.models.pic import PIC
+from pic.run import run_task
 
 from .helpers import ROOT, TinyImages, compose_config
 
@@ -123,14 +130,79 @@ def test_cudnn_benchmark_is_set_on_cuda_only(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_config_defaults_turn_the_cpu_and_gpu_options_on() -> None:
     cfg = compose_config()
+    assert cfg.trainer.precision == "auto"
     trainer = instantiate(cfg.trainer)
+    auto, _ = choose_precision("auto", Hardware.probe(trainer.device))
     assert (trainer.precision, trainer.channels_last, trainer.compile,
-            trainer.cudnn_benchmark) == ("bf16", True, False, True)
+            trainer.cudnn_benchmark) == (auto, True, False, True)
     cfg = compose_config("trainer.precision=fp16", "trainer.compile=true",
                          "trainer.channels_last=false", "trainer.cudnn_benchmark=false")
     trainer = instantiate(cfg.trainer)
     assert (trainer.precision, trainer.channels_last, trainer.compile,
             trainer.cudnn_benchmark) == ("fp16", False, True, False)
+
+
+# ---------------------------------------------------------------------- precision=auto
+ZEN4 = Hardware("cpu", "CPU", cpu_capability="AVX512", mkldnn_bf16=True, bf16_units=True)
+ZEN2 = Hardware("cpu", "CPU", cpu_capability="AVX2", mkldnn_bf16=False, bf16_units=False)
+# AVX-512 without BF16 units (Skylake-SP): oneDNN accepts bf16 but emulates it.
+SKYLAKE = Hardware("cpu", "CPU", cpu_capability="AVX512", mkldnn_bf16=True, bf16_units=False)
+# This session's CPU forced down to AVX2 kernels: the units exist but nothing uses them.
+FORCED_AVX2 = Hardware("cpu", "CPU", cpu_capability="AVX2", mkldnn_bf16=False, bf16_units=True)
+A100 = Hardware("cuda", "NVIDIA A100", cuda_bf16=True)
+V100 = Hardware("cuda", "Tesla V100", cuda_bf16=False)
+
+
+@pytest.mark.parametrize(("hardware", "expected"), [
+    (ZEN4, "bf16"), (ZEN2, "fp32"), (SKYLAKE, "fp32"), (FORCED_AVX2, "fp32"),
+    (A100, "bf16"), (V100, "fp16"), (Hardware("mps", "Apple"), "fp32")])
+def test_auto_chooses_bf16_only_where_native_and_says_why(hardware: Hardware,
+                                                          expected: str) -> None:
+    precision, reason = choose_precision("auto", hardware)
+    assert precision == expected
+    assert reason.startswith("auto: ") and hardware.describe_bf16() in reason
+
+
+@pytest.mark.parametrize("requested", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("hardware", [ZEN4, ZEN2, V100])
+def test_an_explicit_precision_is_kept_on_any_hardware(requested: str,
+                                                       hardware: Hardware) -> None:
+    assert choose_precision(requested, hardware)[0] == requested
+
+
+def test_forcing_the_cpu_dispatch_down_to_avx2_makes_auto_choose_fp32() -> None:
+    """The emulation of an AVX2-only CPU (issue 12) must be seen by the probe."""
+    code = ("import torch; from pic.engine.precision import Hardware, choose_precision; "
+            "print(choose_precision('auto', Hardware.probe(torch.device('cpu')))[0])")
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "fp32"
+
+
+def test_explicit_bf16_without_native_support_warns_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(Hardware, "probe", classmethod(lambda cls, device: ZEN2))
+    with caplog.at_level(logging.INFO, logger="pic.engine.trainer"):
+        summary = fit(tiny_pic(), tmp_path, 3, precision="bf16")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "~10x slower" in warnings[0].getMessage()
+    assert summary["precision"] == "bf16"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pic.engine.trainer"):
+        fit(tiny_pic(), tmp_path / "auto", 3, precision="auto")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("precision fp32: auto: no native bf16" in r.getMessage() for r in caplog.records)
+
+
+def test_the_default_run_states_its_precision_in_results_json(tmp_path: Path) -> None:
+    cfg = compose_config("logger=none", "backbone.widths=[8,16]", "trainer.batch_size=128",
+                         "trainer.progress=false", "task.plot=false", "task.knn_random_init=false",
+                         "trainer.max_steps=1", f"output_dir={tmp_path}")
+    run_task(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    expected = choose_precision("auto", Hardware.probe(resolve_device("auto")))
+    assert (results["precision"], results["precision_reason"]) == expected
 
 
 # ---------------------------------------------------------------------- behaviour kept

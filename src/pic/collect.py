@@ -4,7 +4,10 @@
     python -m pic.collect multirun/... --metrics knn_top1,steps   # only these result columns
 
 A row per run: its directory (relative to DIR), the command-line overrides whose values differ
-between runs (from Hydra's ``.hydra/overrides.yaml``), then the run's scalar results.
+between runs (from Hydra's ``.hydra/overrides.yaml``), the dataset's fingerprint and the code's
+version (commit, ``+dirty`` when files were modified; see pic/provenance.py), then the run's
+scalar results. Rows whose data or code differ are not comparable without thought: the two
+columns say so.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from .provenance import describe_code
+
 Row = dict[str, Any]
+PROVENANCE_KEYS = ("data_fingerprint", "code_commit", "code_dirty")  # shown as data and code
 
 
 def _overrides(run_dir: Path) -> dict[str, str]:
@@ -50,7 +56,8 @@ def collect(root: Path, metrics: list[str] | None = None) -> tuple[list[str], li
     """(columns, rows) for every ``results.json`` under ``root``, rows sorted by directory.
 
     Override columns are those whose value is not the same in every run; result columns are
-    ``metrics`` or else every scalar key of any result (lists and dicts are left out).
+    ``metrics`` or else every scalar key of any result (lists and dicts are left out); the
+    ``data`` and ``code`` columns follow the overrides.
     """
     root = Path(root)
     if not root.is_dir():
@@ -67,16 +74,21 @@ def collect(root: Path, metrics: list[str] | None = None) -> tuple[list[str], li
     varying = [k for k in keys if len({overrides.get(k) for _, overrides, _ in runs}) > 1]
     if metrics is None:
         metrics = sorted({k for _, _, results in runs for k, v in results.items()
-                          if isinstance(v, int | float | str | bool) or v is None})
+                          if (isinstance(v, int | float | str | bool) or v is None)
+                          and k not in PROVENANCE_KEYS})
     else:
         unknown = [m for m in metrics if all(m not in results for _, _, results in runs)]
         if unknown:
             raise KeyError(f"--metrics {','.join(unknown)}: in no results.json under {root}")
+    # Results written before provenance was recorded have none: no column of "unknown"s then.
+    origin = ["data", "code"] if any("data_fingerprint" in r for _, _, r in runs) else []
     rows = [{"run": run_dir.relative_to(root).as_posix() or ".",
              **{k: overrides.get(k, "") for k in varying},
+             **dict(zip(origin, (results.get("data_fingerprint") or "unknown",
+                                 describe_code(results)), strict=False)),
              **{m: results.get(m, "") for m in metrics}}
             for run_dir, overrides, results in runs]
-    return ["run", *varying, *metrics], rows
+    return ["run", *varying, *origin, *metrics], rows
 
 
 def _cell(value: Any) -> str:

@@ -11,15 +11,18 @@ the wrong type then fails during composition, with Hydra's message naming the fu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .bounds import Range
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _PRIMITIVES = (int, float, str, bool)
@@ -45,16 +48,57 @@ def _field_type(annotation: Any) -> Any:
     return Any
 
 
+def _signature_chain(obj: Any) -> list[tuple[inspect.Parameter, Any]]:
+    """(parameter, annotation with its ``Annotated`` metadata) of a callable's signature.
+
+    A constructor that ends in ``**kwargs`` forwards them to its base class: the base's
+    parameters follow (the first class up the MRO that defines ``__init__``), so options shared
+    by a family of classes are declared once, in the base.
+    """
+    if not inspect.isclass(obj):
+        hints = typing.get_type_hints(obj, include_extras=True)
+        return [(p, hints.get(n, Any)) for n, p in inspect.signature(obj).parameters.items()]
+    out: dict[str, tuple[inspect.Parameter, Any]] = {}
+    for cls in obj.__mro__:
+        if cls is object or "__init__" not in vars(cls):
+            continue
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)
+        params = list(inspect.signature(cls.__init__).parameters.items())[1:]  # no self
+        for name, param in params:
+            if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                out.setdefault(name, (param, hints.get(name, Any)))
+        if not any(p.kind is p.VAR_KEYWORD for _, p in params):
+            break
+    return list(out.values())
+
+
+def _strip(annotation: Any) -> Any:
+    """The type inside ``Annotated[type, ...]`` (the metadata is for :func:`bounds_of`)."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated \
+        else annotation
+
+
+@functools.lru_cache
+def bounds_of(target: str) -> dict[str, Range]:
+    """The :class:`~pic.bounds.Range` declared on each parameter of ``target`` that has one."""
+    out = {}
+    for param, annotation in _signature_chain(get_object(target)):
+        if typing.get_origin(annotation) is Annotated:
+            ranges = [m for m in annotation.__metadata__ if isinstance(m, Range)]
+            if ranges:
+                out[param.name] = ranges[0]
+    return out
+
+
 def schema_for(target: str) -> type:
     """A dataclass whose fields are the parameters of ``target`` (plus ``_target_``)."""
     obj = get_object(target)
-    func = obj.__init__ if inspect.isclass(obj) else obj
-    hints = typing.get_type_hints(func)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=target))]
-    for name, param in inspect.signature(obj).parameters.items():
+    for param, annotation in _signature_chain(obj):
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        kind = _field_type(hints.get(name, Any))
+        name = param.name
+        kind = _field_type(_strip(annotation))
         default = param.default
         if default is inspect.Parameter.empty:
             default = MISSING
@@ -66,6 +110,44 @@ def schema_for(target: str) -> type:
             kind = Any  # an object default cannot be typed by OmegaConf
         fields.append((name, kind, dataclasses.field(default=default)))
     return dataclasses.make_dataclass(f"{obj.__name__}Config", fields)
+
+
+class ConfigError(ValueError):
+    """Values of a composed config outside the ranges their parameters declare."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every value against the :class:`~pic.bounds.Range` its parameter declares, once,
+    after composition: one error listing each key out of range with what it allows."""
+    problems: list[str] = []
+    _check_node(cfg, "", problems)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_node(node: Any, key: str, problems: list[str]) -> None:
+    """Check ``node`` (at full key ``key``) and everything below it."""
+    if OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            _check_node(item, f"{key}[{i}]", problems)
+        return
+    if not OmegaConf.is_dict(node):
+        return
+    prefix = f"{key}." if key else ""
+    present = [k for k in node if not OmegaConf.is_missing(node, k)]
+    target = node.get("_target_")
+    if isinstance(target, str):
+        values = {k: _plain(node[k]) for k in present}
+        for name, bound in bounds_of(target).items():
+            if name in values and not bound.admits(values[name], values):
+                problems.append(f"{prefix}{name}={values[name]!r}: must be "
+                                f"{bound.describe(values)}")
+    for k in present:
+        _check_node(node[k], f"{prefix}{k}", problems)
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def schema_name(group: str, option: str) -> str:

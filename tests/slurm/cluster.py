@@ -1,15 +1,18 @@
 """Pytest fixture: a real single-machine SLURM cluster for the whole test session.
 
 `slurm_cluster` runs install.sh (a no-op when the packages are present) and start.sh once per
-session, exports SLURM_CONF into this process's environment so that submitit's sbatch, sacct and
-scancel reach the cluster, and runs stop.sh at the end. Setup failures FAIL the tests (CI has apt
-and root); they are never skipped.
+session in a private state directory (start.sh picks free ports and runs its own munged), so two
+test sessions on one machine never share a daemon. It exports SLURM_CONF into this process's
+environment so that submitit's sbatch, sacct and scancel reach the cluster, and runs stop.sh at
+the end. Setup failures FAIL the tests (CI has apt and root); they are never skipped.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,8 +21,10 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parent
-# Fixed rather than per-session: start.sh then also stops daemons an aborted session left running.
-STATE_DIR = Path("/tmp/pic-slurm")
+# Every session's cluster lives in a fresh /tmp/pic-slurm-session.*; OWNER in it names the pytest
+# process, so a later session can stop the daemons of one that was killed before its teardown.
+STATE_PREFIX = "pic-slurm-session."
+OWNER = "owner"
 
 
 @dataclass(frozen=True)
@@ -74,19 +79,45 @@ def _default_partition(env: dict[str, str]) -> str:
     return defaults[0]
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/PID/stat), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _stop_abandoned_clusters() -> None:
+    """Stop and remove the clusters of earlier sessions whose pytest process no longer runs
+    (killed before teardown); a live session's cluster, or one without an owner file, is left."""
+    for state in Path(tempfile.gettempdir()).glob(STATE_PREFIX + "*"):
+        try:
+            pid, start = (state / OWNER).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if _process_start(int(pid)) != start:
+            _run_script("stop.sh", str(state), timeout_s=120)
+            shutil.rmtree(state, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
-    """Start the cluster once per session (install included) and stop it afterwards."""
+    """Start a private cluster once per session (install included) and stop it afterwards."""
     _run_script("install.sh", timeout_s=900)
+    _stop_abandoned_clusters()
+    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
+    (state / OWNER).write_text(f"{os.getpid()} {_process_start(os.getpid())}\n")
     try:
-        env = _parse_exports(_run_script("start.sh", str(STATE_DIR), timeout_s=180))
-        cluster = SlurmCluster(STATE_DIR, env, _default_partition(env))
+        env = _parse_exports(_run_script("start.sh", str(state), timeout_s=180))
+        cluster = SlurmCluster(state, env, _default_partition(env))
         with pytest.MonkeyPatch.context() as mp:
             for name, value in env.items():
                 mp.setenv(name, value)
             yield cluster
     finally:
-        _run_script("stop.sh", str(STATE_DIR), timeout_s=120)
+        _run_script("stop.sh", str(state), timeout_s=120)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def accounting_states(job_id: str, timeout_s: float = 30) -> list[str]:

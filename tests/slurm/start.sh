@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Start a real single-machine SLURM cluster (munge, MariaDB, slurmdbd, slurmctld and two slurmd
 # nodes) with every file under STATE_DIR; prints `export SLURM_CONF=...` on stdout when ready.
-# Usage: start.sh [STATE_DIR]   (default /tmp/pic-slurm; must run as root; see install.sh)
-# A cluster left running from the same STATE_DIR is stopped first, and state is rebuilt fresh.
+# Usage: start.sh [STATE_DIR]   (default: a new private /tmp/pic-slurm.XXXXXX; must run as root;
+# see install.sh). A cluster left running from the same STATE_DIR is stopped first.
+# Private per STATE_DIR: the daemons' ports (free ones, chosen here), munged's socket, the
+# database and every state, pid and log file, so that two clusters run side by side.
 set -euo pipefail
 
-STATE=${1:-/tmp/pic-slurm}
+STATE=${1:-$(mktemp -d /tmp/pic-slurm.XXXXXX)}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CLUSTER=pic
 PARTITION=debug
@@ -13,12 +15,6 @@ PARTITION=debug
 # name (MASTER_ADDR under SLURM) resolves and both slurmd fit on one machine.
 NODE_A=$(hostname -s)
 NODE_B=localhost
-CTLD_PORT=6817
-NODE_A_PORT=6818
-DBD_PORT=6819
-NODE_B_PORT=6820
-# Not 3306, which a system database on a developer's machine often holds.
-DB_PORT=3307
 
 log() { echo "start.sh: $*" >&2; }
 
@@ -36,6 +32,22 @@ fail() {
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# free_port VAR: set VAR to a port nobody listens on, below Linux's ephemeral range (32768+) so
+# that no outgoing connection takes it meanwhile, and not one this script already chose.
+CHOSEN=" "
+free_port() {
+    local port
+    for _ in $(seq 200); do
+        port=$((20000 + RANDOM % 12000))
+        if [[ $CHOSEN != *" $port "* ]] && ! port_open "$port"; then
+            CHOSEN+="$port "
+            printf -v "$1" '%s' "$port"
+            return 0
+        fi
+    done
+    return 1
+}
 
 # wait_until SECONDS COMMAND...: poll COMMAND every 0.2 s; non-zero status on timeout.
 wait_until() {
@@ -68,13 +80,23 @@ bash "$HERE/stop.sh" "$STATE"
 # A failed start leaves nothing running; its logs stay in STATE_DIR/log.
 trap 'if (($? != 0)); then bash "$HERE/stop.sh" "$STATE" || true; fi' EXIT
 # Only the folders this script creates are wiped, never STATE_DIR itself.
-rm -rf "${STATE:?}"/{etc,log,pids,run,spool,mysql}
-mkdir -p "$STATE"/{etc,log,pids,run,spool/ctld}
+rm -rf "${STATE:?}"/{etc,log,pids,run,spool,mysql,munge,ports}
+mkdir -p "$STATE"/{etc,log,pids,run,spool/ctld,munge}
+# munged (user munge) must reach its socket folder, and refuses one others may write to.
+chmod 755 "$STATE"
+chown munge:munge "$STATE/munge"
+runuser -u munge -- test -w "$STATE/munge" || fail "user munge cannot enter $STATE/munge: choose \
+a STATE_DIR whose parent folders everyone may enter (e.g. one under /tmp), or give none"
 LOGS=$STATE/log
 
-for port in $DB_PORT $CTLD_PORT $NODE_A_PORT $DBD_PORT $NODE_B_PORT; do
-    ! port_open "$port" || fail "port $port on 127.0.0.1 is already in use (another SLURM or database?)"
+for name in CTLD_PORT NODE_A_PORT NODE_B_PORT DBD_PORT DB_PORT; do
+    free_port "$name" || fail "found no free port on 127.0.0.1 for $name"
 done
+# Between this check and the daemons' bind another program may take a port: that daemon then
+# fails to start, and says so in its log.
+printf 'slurmctld %s\nslurmd-%s %s\nslurmd-%s %s\nslurmdbd %s\nmariadb %s\n' "$CTLD_PORT" \
+    "$NODE_A" "$NODE_A_PORT" "$NODE_B" "$NODE_B_PORT" "$DBD_PORT" "$DB_PORT" >"$STATE/ports"
+MUNGE_SOCKET=$STATE/munge/munge.socket
 
 # Each emulated node claims the whole machine; jobs must fit in one node's share.
 NODE_CPUS=$(nproc)
@@ -88,8 +110,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# This cluster's own munged; every daemon and client command (through SLURM_CONF) uses it.
 # Short credential lifetime: a requeued job may restart ~10 s after it stopped instead of ~2 min.
-AuthInfo=cred_expire=10
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 SchedulerParameters=sched_interval=2,bf_interval=1
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/slurmd-%n
@@ -103,6 +126,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
+# With slurmdbd, the munge socket for talking to it (AuthInfo's does not apply there).
+AccountingStoragePass=$MUNGE_SOCKET
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
@@ -118,6 +143,7 @@ CONF
 DBD_CONF=$STATE/etc/slurmdbd.conf
 cat >"$DBD_CONF" <<CONF
 AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
 DbdHost=$NODE_A
 DbdAddr=127.0.0.1
 DbdPort=$DBD_PORT
@@ -132,18 +158,14 @@ StorageLoc=slurm_acct_db
 CONF
 chmod 600 "$DBD_CONF"
 
-# munge: slurm's clients and daemons talk to munged on its default socket, so a munged that is
-# already running (a system one) is used as is and left alone by stop.sh.
-if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    log "munged already running; using it"
-else
-    mkdir -p /run/munge
-    chown munge:munge /run/munge
-    runuser -u munge -- /usr/sbin/munged --force || fail "munged did not start" /var/log/munge/munged.log
-    record munged munged /run/munge/munged.pid || fail "munged wrote no pid file" /var/log/munge/munged.log
-    wait_until 10 bash -c 'munge -n | unmunge >/dev/null 2>&1' \
-        || fail "munge -n | unmunge fails" /var/log/munge/munged.log
-fi
+# munged: one per cluster, on its own socket (the machine's shared key), so that stopping this
+# cluster never pulls authentication from under another one or from a system munged.
+runuser -u munge -- /usr/sbin/munged --force --socket="$MUNGE_SOCKET" \
+    --pid-file="$STATE/munge/munged.pid" --seed-file="$STATE/munge/munged.seed" \
+    --log-file="$STATE/munge/munged.log" || fail "munged did not start" "$STATE/munge/munged.log"
+record munged munged "$STATE/munge/munged.pid" || fail "munged wrote no pid file" "$STATE/munge/munged.log"
+wait_until 10 bash -c "munge -S '$MUNGE_SOCKET' -n | unmunge -S '$MUNGE_SOCKET' >/dev/null 2>&1" \
+    || fail "munge -n | unmunge fails on $MUNGE_SOCKET" "$STATE/munge/munged.log"
 
 # MariaDB for slurmdbd, data under STATE_DIR, TCP on 127.0.0.1 only. `setsid -f` detaches it
 # from the caller's session so that Ctrl-C in a test run does not kill it half-way.
@@ -181,3 +203,4 @@ wait_until 60 nodes_idle || fail "nodes not idle after 60 s: $(sinfo -N 2>&1 | t
 
 log "cluster '$CLUSTER' up: partition $PARTITION, nodes $NODE_A and $NODE_B, state in $STATE"
 echo "export SLURM_CONF=$SLURM_CONF"
+echo "export PIC_SLURM_STATE=$STATE"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Stop the daemons that start.sh recorded in STATE_DIR/pids/ (and only those), newest first.
-# Usage: stop.sh [STATE_DIR]   (default /tmp/pic-slurm). Bounded: gives up after ~1 min.
+# Usage: stop.sh STATE_DIR. Bounded: gives up after ~1 min.
 set -euo pipefail
 
-STATE=${1:-/tmp/pic-slurm}
+STATE=${1:?usage: stop.sh STATE_DIR (the folder given to or printed by start.sh)}
 PIDS=$STATE/pids
 [[ -d $PIDS ]] || exit 0
 

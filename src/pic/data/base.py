@@ -9,19 +9,38 @@ PIC / the bank row of InstDisc), ``label`` (the class, for evaluation only) and 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
+from ..bounds import Positive
 from .decode import UnreadableImage
 
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], list[torch.Tensor]]
+
+
+def digest(*parts: object) -> str:
+    """Short sha256 (16 hex digits) of bytes, strings, lists of strings and integer arrays."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, bytes):
+            data = part
+        elif isinstance(part, list) and all(isinstance(p, str) for p in part):
+            data = "\n".join(part).encode("utf-8", "surrogateescape")
+        elif isinstance(part, str):
+            data = part.encode("utf-8", "surrogateescape")
+        else:
+            data = np.ascontiguousarray(np.asarray(part, dtype=np.int64)).tobytes()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()[:16]
 
 
 class InstanceDataset(torch.utils.data.Dataset, ABC):
@@ -55,6 +74,13 @@ class InstanceDataset(torch.utils.data.Dataset, ABC):
     def describe(self, index: int) -> str:
         """Where image ``index`` comes from (a path), for error messages."""
         return f"{type(self).__name__}[{index}]"
+
+    def fingerprint(self) -> str:
+        """A digest of what the dataset is (its items' names and labels, no pixels), stored in
+        checkpoints and results so that runs on different data are never mixed silently.
+        Datasets with a cheaper or more telling listing override it."""
+        return digest([self.describe(i) for i in range(len(self))],
+                      [self.label(i) for i in range(len(self))])
 
     def _candidates(self, index: int) -> Iterator[int]:
         """index, then the replacements to try in order; lazy: an item rarely needs one."""
@@ -94,13 +120,22 @@ class InstanceDataset(torch.utils.data.Dataset, ABC):
                            f"{self.describe(index)} on: the dataset is broken")
 
 
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
 class ImageData(ABC):
-    """Factory of the two splits; holds what transforms need to know about the images."""
+    """Factory of the two splits; holds what transforms need to know about the images: the
+    training crop size and ``mean``/``std`` (RGB, 0–1 scale) for normalising crops, ImageNet's
+    statistics by default."""
 
     num_classes: int
-    image_size: int
-    mean: list[float]
-    std: list[float]
+
+    def __init__(self, image_size: Annotated[int, Positive] = 224,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
+        self.image_size = image_size
+        self.mean = list(mean) if mean is not None else IMAGENET_MEAN
+        self.std = list(std) if std is not None else IMAGENET_STD
 
     @abstractmethod
     def build(self, split: str, transform: Transform, rank: int = 0,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ImageData, InstanceDataset, Transform
+from .base import ImageData, InstanceDataset, Transform, digest
 from .decode import check_decoder, decode, describe_decoder
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,17 @@ class EncodedImageDataset(InstanceDataset):
         labels: list[int],
         sizes: list[int] | None,
         transform: Transform,
-        strict: bool,
-        decoder: str,
-        cache_mode: str,
-        rank: int,
-        world_size: int,
+        strict: bool = False,
+        decoder: str = "torchvision",
+        cache_mode: str = "no",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__(transform, strict)
         check_decoder(decoder)
         check_cache_mode(cache_mode)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.sizes = np.asarray(sizes if sizes is not None else [], dtype=np.int64)
         self.decoder = decoder
         self.cache_mode = cache_mode
         # Cache: bytes of image i are buffer[offsets[i]:offsets[i] + lengths[i]]; length -1 =
@@ -67,7 +68,7 @@ class EncodedImageDataset(InstanceDataset):
                 held = range(rank, len(labels), world_size)
                 self.rank_indices = list(held)
             assert sizes is not None, "caching needs the file sizes"
-            self._fill_cache(list(held), sizes)
+            self._fill_cache(list(held), list(sizes))
         log.info(
             "%s: %d images, decoder %s", type(self).__name__, len(self), describe_decoder(decoder)
         )
@@ -102,6 +103,15 @@ class EncodedImageDataset(InstanceDataset):
     def read(self, index: int) -> bytes:
         """The encoded bytes of image `index` from storage."""
 
+    @abstractmethod
+    def name(self, index: int) -> str:
+        """Image `index`'s name inside the dataset (relative path, zip member): what the
+        fingerprint hashes, so that a copy of the data elsewhere has the same one."""
+
+    def fingerprint(self) -> str:
+        """Names, labels and byte sizes of every image: the listing, no image read."""
+        return digest([self.name(i) for i in range(len(self))], self.labels, self.sizes)
+
     def encoded(self, index: int) -> bytes:
         """The encoded bytes of image `index`, from the cache when it holds them."""
         if self._buffer is not None and self._lengths[index] >= 0:
@@ -118,24 +128,32 @@ class EncodedImageDataset(InstanceDataset):
         return int(self.labels[index])
 
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
 class EncodedImageData(ImageData):
-    """What the folder and zip factories share: the root, the training crop size
-    (``image_size``), the cache, bad-image policy and decoder, and ``mean``/``std`` (RGB, 0–1
-    scale) for normalising crops, ImageNet's statistics by default."""
+    """What the folder and zip factories share: the root, the cache (``cache_mode``), the
+    bad-image policy (``strict``) and the ``decoder``; ``image_size``, ``mean`` and ``std`` go
+    to :class:`~.base.ImageData` (ImageNet's statistics by default)."""
 
-    def __init__(self, root: str, image_size: int = 224, cache_mode: str = "no",
-                 strict: bool = False, decoder: str = "torchvision",
-                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
+    def __init__(self, root: str, cache_mode: str = "no", strict: bool = False,
+                 decoder: str = "torchvision", **kwargs) -> None:
+        super().__init__(**kwargs)
         check_cache_mode(cache_mode)
         check_decoder(decoder)
         self.root = Path(root)
-        self.image_size = image_size
         self.cache_mode = cache_mode
         self.strict = strict
         self.decoder = decoder
-        self.mean = list(mean) if mean is not None else IMAGENET_MEAN
-        self.std = list(std) if std is not None else IMAGENET_STD
+
+    def dataset_options(self, rank: int, world_size: int) -> dict[str, object]:
+        """The keywords every :class:`EncodedImageDataset` of this factory takes."""
+        return {"strict": self.strict, "decoder": self.decoder, "cache_mode": self.cache_mode,
+                "rank": rank, "world_size": world_size}
+
+
+def printable(text: str) -> str:
+    """``text`` safe for any log stream: a file name that is not UTF-8 (Python keeps its
+    bytes as lone surrogates) shows its bytes as ``\\xNN`` instead of failing the write."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")

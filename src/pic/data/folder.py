@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .base import Transform
-from .encoded import EncodedImageData, EncodedImageDataset, check_split
+from .encoded import EncodedImageData, EncodedImageDataset, check_split, printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
@@ -19,10 +19,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 def list_classes(split_dir: Path) -> list[str]:
     """Sorted class folder names of `split_dir`; errors name the folder at fault."""
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"data=folder: {split_dir} is not a folder (check data.root)")
+        raise FileNotFoundError(
+            f"data=folder: {printable(str(split_dir))} is not a folder (check data.root)")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and e.name[0] != ".")
     if not classes:
-        raise ValueError(f"data=folder: {split_dir} has no class sub-folders")
+        raise ValueError(f"data=folder: {printable(str(split_dir))} has no class sub-folders")
     return classes
 
 
@@ -34,16 +35,16 @@ def scan_folder(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[i
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
-            raise FileNotFoundError(
-                f"data=folder: class folder {class_dir} is missing (classes come from train/)"
-            )
+            raise FileNotFoundError(f"data=folder: class folder {printable(str(class_dir))} is "
+                                    "missing (classes come from train/)")
         entries = sorted(
             (e for e in os.scandir(class_dir) if e.is_file() and not e.name.startswith(".")),
             key=lambda e: e.name,
         )
         images = [e for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
         if not images:
-            raise ValueError(f"data=folder: {class_dir} contains no images {IMAGE_EXTENSIONS}")
+            raise ValueError(f"data=folder: {printable(str(class_dir))} contains no images "
+                             f"{IMAGE_EXTENSIONS}")
         for e in images:
             paths.append(Path(e.path))
             labels.append(label)
@@ -52,36 +53,26 @@ def scan_folder(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[i
 
 
 class FolderDataset(EncodedImageDataset):
-    """Images read from individual files."""
+    """Images read from individual files under `split_dir`; `options` are
+    :class:`~.encoded.EncodedImageDataset`'s."""
 
-    def __init__(
-        self,
-        paths: list[Path],
-        labels: list[int],
-        sizes: list[int],
-        transform: Transform,
-        strict: bool = False,
-        decoder: str = "torchvision",
-        cache_mode: str = "no",
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.paths = paths
-        super().__init__(labels, sizes, transform, strict, decoder, cache_mode, rank, world_size)
+    def __init__(self, split_dir: Path, paths: list[Path], labels: list[int], sizes: list[int],
+                 transform: Transform, **options) -> None:
+        self.split_dir, self.paths = split_dir, paths
+        super().__init__(labels, sizes, transform, **options)
 
     def read(self, index: int) -> bytes:
         return self.paths[index].read_bytes()
 
+    def name(self, index: int) -> str:
+        return self.paths[index].relative_to(self.split_dir).as_posix()
+
     def describe(self, index: int) -> str:
-        return str(self.paths[index])
+        return printable(str(self.paths[index]))
 
 
 class FolderData(EncodedImageData):
-    """Factory for `root/train/<class>/*` and `root/val/<class>/*`.
-
-    `image_size` is the training crop size; `mean`/`std` (RGB, 0-1 scale) normalise the crops,
-    ImageNet's statistics by default.
-    """
+    """Factory for `root/train/<class>/*` and `root/val/<class>/*`."""
 
     @cached_property
     def classes(self) -> list[str]:
@@ -97,16 +88,13 @@ class FolderData(EncodedImageData):
     ) -> FolderDataset:
         check_split(split, "folder")
         split_dir = self.root / split
-        list_classes(split_dir)  # the split folder itself must exist and be non-empty
+        # Every folder of val/ must be a train class: one that is not would be silently dropped.
+        unknown = sorted(set(list_classes(split_dir)) - set(self.classes))
+        if unknown:
+            raise ValueError(
+                f"data=folder: {printable(str(split_dir / unknown[0]))} is not a class of "
+                f"{printable(str(self.root / 'train'))} ({len(unknown)} such folder(s) in "
+                f"{split}/; classes come from train/)")
         paths, labels, sizes = scan_folder(split_dir, self.classes)
-        return FolderDataset(
-            paths,
-            labels,
-            sizes,
-            transform,
-            self.strict,
-            self.decoder,
-            self.cache_mode,
-            rank,
-            world_size,
-        )
+        return FolderDataset(split_dir, paths, labels, sizes, transform,
+                             **self.dataset_options(rank, world_size))

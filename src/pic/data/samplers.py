@@ -13,9 +13,12 @@ ranks run the same number of steps.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
 import numpy as np
 from torch.utils.data import Sampler
+
+from ..bounds import Positive, Range
 
 # Tags that keep the random streams of the index list and of the per-epoch shuffles apart.
 _LIST_STREAM = 0
@@ -122,8 +125,8 @@ class SlidingWindowSampler(_ShardedSampler):
         rank: int = 0,
         world_size: int = 1,
         indices: list[int] | None = None,
-        window_size: int = 131072,
-        stride: int = 16384,
+        window_size: Annotated[int, Positive] = 131072,
+        stride: Annotated[int, Range(gt=0, le="window_size")] = 16384,
         reshuffle: bool = False,
     ) -> None:
         super().__init__(dataset_size, seed, rank, world_size, indices)

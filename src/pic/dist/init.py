@@ -30,7 +30,7 @@ def local_device() -> torch.device:
 def init_distributed() -> torch.device:
     """Initialise ``torch.distributed`` for this process and return its device.
 
-    Works under :class:`pic.dist.launcher.Local` (spawned processes) and ``torchrun`` (both set
+    Works under :class:`pic.launch.local.Local` (spawned processes) and ``torchrun`` (both set
     ``RANK``/``WORLD_SIZE``/...), under a submitit SLURM job (the variables come from
     ``submitit.helpers.TorchDistributedEnvironment``) and otherwise falls back to one process
     without a process group. The backend is NCCL with GPUs (each local rank pinned to its own

@@ -3,6 +3,7 @@ save/restore of everything a bit-identical resume needs."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from .. import dist
+from ..provenance import check_same_dataset
+from .health import DivergenceError, first_non_finite
 
 FORMAT = "pic-checkpoint/1"
 
@@ -59,26 +62,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- atomic files
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+class WriteFailed(OSError):
+    """A file could not be written for lack of space (or quota, or file-size limit)."""
+
+
+#: What a full disk looks like: no space, over quota, over the process's file-size limit.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+PARTIAL = ".partial"  # the suffix of atomic writes' temporaries (removed at start-up)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str = "file") -> None:
     """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it over
-    ``path``: a reader (or a resume after a crash) sees the old file or the new one, whole."""
+    ``path``: a reader (or a resume after a crash) sees the old file or the new one, whole.
+
+    A full disk is one error naming ``path``; torch's writer reports it as an ``enforce fail``
+    with the OSError only in the chain, so the chain is searched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        full = _no_room(err)
+        if full is None:
+            raise
+        kept = f"the previous {what} is intact" if path.exists() else f"no {what} was written"
+        raise WriteFailed(full.errno, f"{os.strerror(full.errno).lower()} writing {path}; "
+                                      f"{kept}") from err
+
+
+def _no_room(err: BaseException | None) -> OSError | None:
+    """The OSError of a full disk in ``err``'s chain of causes, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj)`` to ``path``, atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
@@ -98,6 +130,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this platform (no '{FORMAT}' marker); "
                          "pass a current.pth written by `launch.py task=pretrain`")
+    bad = first_non_finite(ckpt["model"].items())
+    if bad is not None:
+        raise ValueError(f"{path}: tensor {bad} holds NaN or inf (the run that wrote it "
+                         "diverged); it can be neither evaluated nor resumed: use a checkpoint "
+                         "from before the divergence, or train again")
     return ckpt
 
 
@@ -117,9 +154,12 @@ class Checkpointer:
     attempt and not resumed), so that no state is written twice."""
 
     def __init__(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, config: dict[str, Any] | None = None) -> None:
+                 scaler: torch.amp.GradScaler, config: dict[str, Any] | None = None,
+                 provenance: dict[str, Any] | None = None,
+                 allow_dataset_change: bool = False) -> None:
         self.path, self.model, self.optimizer, self.scaler = path, model, optimizer, scaler
         self.config = config or {}
+        self.provenance, self.allow_dataset_change = provenance or {}, allow_dataset_change
         self.saved_step: int | None = None
 
     def restore_or_start(self, resume: bool, seed: int) -> TrainState:
@@ -131,19 +171,36 @@ class Checkpointer:
         return TrainState()
 
     def save(self, state: TrainState) -> None:
-        """Everything a resume needs; rank 0 writes, atomically; every rank waits for it."""
+        """Everything a resume needs; rank 0 writes, atomically; every rank waits for it.
+
+        A state with a NaN or an infinity is never written over the previous checkpoint.
+        """
         self.model.sync_state()
+        model_state = self.model.state_dict()
+        bad = first_non_finite(model_state.items())
+        device = next(self.model.parameters()).device
+        if dist.all_reduce_sum(torch.tensor(float(bad is not None), device=device)) > 0:
+            raise DivergenceError(f"step {state.step}: not checkpointing, tensor "
+                                  f"{bad or '(on another rank)'} holds NaN or inf; {self.path} "
+                                  f"(step {self.saved_step}) is intact")
         if dist.is_main():
-            atomic_save({"format": FORMAT, "model": self.model.state_dict(),
+            atomic_save({"format": FORMAT, "model": model_state,
                          "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "state": asdict(state),
-                         "rng": rng_state(), "config": self.config}, self.path)
+                         "rng": rng_state(), "config": self.config,
+                         "provenance": self.provenance}, self.path)
         dist.barrier()
         self.saved_step = state.step
 
     def restore(self) -> TrainState:
         ckpt = load_checkpoint(self.path)
-        self.model.load_state_dict(ckpt["model"])
+        check_same_dataset(ckpt.get("provenance") or {}, self.provenance, self.path,
+                           self.allow_dataset_change)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            raise ValueError(_not_this_model(self.path, ckpt.get("config") or {},
+                                             self.config)) from err
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         state = TrainState(**ckpt["state"])
@@ -152,3 +209,20 @@ class Checkpointer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.saved_step = state.step
         return state
+
+
+def _not_this_model(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """Which method and backbone a checkpoint is from, against this run's, and what to do."""
+    def describe(config: dict[str, Any]) -> str:
+        def part(node: Any) -> str:
+            if not isinstance(node, dict) or "_target_" not in node:
+                return "unknown"
+            args = ", ".join(f"{k}={v}" for k, v in node.items()
+                             if k != "_target_" and not isinstance(v, dict | list))
+            return f"{node['_target_'].rsplit('.', 1)[-1]}({args})"
+        return f"model {part(config.get('model'))} on backbone {part(config.get('backbone'))}"
+
+    return (f"{path} is a checkpoint of {describe(saved)}, and its weights do not fit this run's "
+            f"{describe(current)}. To resume it, run with the model= and backbone= options of "
+            f"{path.parent / 'config.yaml'}; to train this model instead, use another run "
+            "directory (hydra.run.dir=...), or auto_resume=false to overwrite this one")

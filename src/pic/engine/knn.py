@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .. import dist
+from ..bounds import Positive
 
 
 @torch.no_grad()
@@ -68,8 +71,10 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
 class KNN:
     """kNN evaluation settings; ``every`` (epochs) enables a monitor during pretraining."""
 
-    def __init__(self, k: int = 200, temperature: float = 0.07, every: int | None = None,
-                 batch_size: int = 256) -> None:
+    def __init__(self, k: Annotated[int, Positive] = 200,
+                 temperature: Annotated[float, Positive] = 0.07,
+                 every: Annotated[int | None, Positive] = None,
+                 batch_size: Annotated[int, Positive] = 256) -> None:
         self.k, self.temperature, self.every, self.batch_size = k, temperature, every, batch_size
 
     def evaluate(self, backbone: nn.Module, train_set: torch.utils.data.Dataset,

@@ -6,20 +6,20 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from .. import dist
+from ..bounds import NonNegative, Positive
 from ..dist.init import local_device
 from .checkpoint import Checkpointer, TrainState
+from .health import DivergenceError, Snapshot, diverged, first_non_finite, watched
 from .loader import Plan, run_loader
+from .precision import PRECISIONS, Hardware, choose_precision, emulated_bf16_warning
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
@@ -68,12 +68,14 @@ class Trainer:
 
     Speed options. The constructor's defaults are the reference computation (fp32, default
     layout); the platform's config (``conf/config.yaml``, ``trainer:``) turns on the options
-    that help on CPUs and GPUs alike (bf16, channels_last, cudnn_benchmark). All of them keep
-    resume exact (``cudnn_benchmark`` aside, see below).
+    that help on CPUs and GPUs alike (precision auto, channels_last, cudnn_benchmark). All of
+    them keep resume exact (``cudnn_benchmark`` aside, see below).
 
-    - ``precision``: ``bf16`` runs forward and backward under bf16 autocast; losses
+    - ``precision``: ``auto`` chooses what the hardware runs natively (:mod:`.precision`) and
+      logs why; the choice and reason are in the summary (``precision``,
+      ``precision_reason``). ``bf16`` runs forward and backward under bf16 autocast; losses
       are computed in fp32 by the methods. About 2× faster on a CPU with AVX512-BF16/AMX and
-      on GPUs from Ampere on; on hardware without bf16 units use ``fp32``. ``fp16`` adds
+      on GPUs from Ampere on, ~10× slower where emulated (one warning says so). ``fp16`` adds
       dynamic loss scaling (GradScaler) for GPUs without bf16; ``fp32`` is the reference.
     - ``channels_last``: the model's 4-d weights and every input batch use the NHWC layout,
       which the CPU (oneDNN) and GPU (cuDNN tensor-core) convolutions run natively, saving a
@@ -90,23 +92,32 @@ class Trainer:
       batches each in flight; on CUDA batches are pinned and copied with ``non_blocking``.
     """
 
-    def __init__(self, epochs: float = 100.0, batch_size: int = 256, max_steps: int | None = None,
-                 checkpoint_every: int = 1000, log_every: int = 20, precision: str = "fp32",
-                 num_workers: int = 2, device: str = "auto", channels_last: bool = False,
-                 compile: bool = False, cudnn_benchmark: bool = True, max_bad_steps: int = 20,
-                 progress: bool = True) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"trainer.precision={precision!r}: expected one of {list(PRECISIONS)}")
+    def __init__(self, epochs: Annotated[float, Positive] = 100.0,
+                 batch_size: Annotated[int, Positive] = 256,
+                 max_steps: Annotated[int | None, Positive] = None,
+                 checkpoint_every: Annotated[int, Positive] = 1000,
+                 log_every: Annotated[int, Positive] = 20, precision: str = "fp32",
+                 num_workers: Annotated[int, NonNegative] = 2, device: str = "auto",
+                 channels_last: bool = False, compile: bool = False, cudnn_benchmark: bool = True,
+                 max_bad_steps: Annotated[int, NonNegative] = 20, progress: bool = True) -> None:
+        self.device = resolve_device(device)
+        hardware = Hardware.probe(self.device)
+        self.precision, self.precision_reason = choose_precision(precision, hardware)
+        log.info("precision %s: %s", self.precision, self.precision_reason)
+        warning = emulated_bf16_warning(self.precision, hardware)
+        if warning:
+            log.warning(warning)
         self.epochs, self.batch_size, self.max_steps = epochs, batch_size, max_steps
         self.checkpoint_every, self.log_every = checkpoint_every, log_every
-        self.precision, self.num_workers = precision, num_workers
-        self.device = resolve_device(device)
+        self.num_workers = num_workers
         self.channels_last, self.compile = channels_last, compile
         self.cudnn_benchmark, self.progress = cudnn_benchmark, progress
         self.max_bad_steps = max_bad_steps
         self.stop_requested = False  # set (e.g. by a preemption signal) to checkpoint and return
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self._consecutive_bad = 0
+        self._snapshot: Snapshot | None = None
+        self._watched: list[tuple[str, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ set-up
     def per_rank_batch(self) -> int:
@@ -155,10 +166,11 @@ class Trainer:
 
         The optimizer's param groups carry ``lr`` (a method reads the step's settings from the
         optimizer it was attached to). A step whose loss or gradient is not finite changes
-        nothing: no optimizer step and no ``after_step``. Deciding that costs the step's one
-        host sync (``bool`` of a device flag); the optimizer step and ``after_step`` (which may
-        update host-side state such as a sampled classifier's counters) cannot be issued
-        before it is known.
+        nothing: no optimizer step, no ``after_step``, and what ``forward`` changed in place
+        (``model.forward_state()``: BatchNorm statistics, ...) is put back. Deciding that
+        costs the step's one host sync (``bool`` of a device flag); the optimizer step and
+        ``after_step`` (which may update host-side state such as a sampled classifier's
+        counters) cannot be issued before it is known.
         """
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -167,6 +179,9 @@ class Trainer:
                  for c in batch["crops"]]
         index = batch["index"].to(self.device, non_blocking=True)
         dtype = PRECISIONS[self.precision]
+        if self._snapshot is None or self._snapshot.model is not model:
+            self._snapshot = Snapshot(model)
+        self._snapshot.take()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             loss, metrics = net(crops, index)
         optimizer.zero_grad(set_to_none=True)
@@ -178,6 +193,8 @@ class Trainer:
         if finite:
             self.scaler.step(optimizer)
             model.after_step()
+        else:
+            self._snapshot.restore()  # BN statistics (and the like) as before the step
         self.scaler.update()
         return finite, grad_norm, {k: v.detach() for k, v in metrics.items()}
 
@@ -185,13 +202,16 @@ class Trainer:
             optimizer: torch.optim.Optimizer, schedule: Callable[..., Callable[[int], float]],
             out_dir: Path, logger: Any, seed: int, resume: bool = True,
             epoch_end: Callable[[float], dict[str, float]] | None = None,
-            config: dict[str, Any] | None = None) -> dict[str, Any]:
+            config: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None,
+            allow_dataset_change: bool = False) -> dict[str, Any]:
         """Train ``model`` (already on ``self.device``) and return the run's summary.
 
         ``schedule(base_lr, total_steps, steps_per_pass)`` gives the per-step lr; the base lr
         is the optimizer's (already scaled to the global batch). ``epoch_end(passes)`` runs
         after every sampler-epoch and may return metrics to log. ``config`` (the run's
-        composed config) goes to the logger and into every checkpoint.
+        composed config) goes to the logger and into every checkpoint; so does ``provenance``
+        (:func:`pic.provenance.provenance`): a resume on another dataset stops unless
+        ``allow_dataset_change``.
         """
         plan = self.plan(sampler)
         lr_at = schedule(optimizer.defaults["lr"], plan.total_steps, plan.steps_per_pass)
@@ -201,7 +221,9 @@ class Trainer:
         self.prepare(model)
         model.attach(optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        ckpt = Checkpointer(Path(out_dir) / "current.pth", model, optimizer, self.scaler, config)
+        ckpt = Checkpointer(Path(out_dir) / "current.pth", model, optimizer, self.scaler, config,
+                            provenance, allow_dataset_change)
+        self._watched = watched(model)
         state = ckpt.restore_or_start(resume, seed)
         if ckpt.saved_step is not None:
             log.info("resumed from %s at step %d", ckpt.path, state.step)
@@ -218,7 +240,7 @@ class Trainer:
         lr = self._loop(net, model, optimizer, loader if state.step < last_step else [], lr_at,
                         plan, last_step, state, ckpt, logger, epoch_end)
         if ckpt.saved_step != state.step:
-            ckpt.save(state)
+            self._checkpoint(ckpt, state, time.perf_counter())
         return self._summary(state, plan, last_step, lr, start_step)
 
     def _loop(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -241,6 +263,7 @@ class Trainer:
             if state.step % self.log_every == 0 or state.step == last_step or epoch_done:
                 epoch = state.step / plan.steps_per_pass
                 self._log(window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}, state, logger, bar)
+                self._check_health(state, lr, ckpt)
             if bar is not None:
                 bar.update(1)
             if epoch_done:
@@ -300,12 +323,32 @@ class Trainer:
             if extra and dist.is_main():
                 logger.log(extra, state.step)
 
-    @staticmethod
-    def _checkpoint(ckpt: Checkpointer, state: TrainState, clock: float) -> float:
-        """Save with the training time up to now; returns the new start of the clock."""
+    def _checkpoint(self, ckpt: Checkpointer, state: TrainState, clock: float) -> float:
+        """Save with the training time up to now; returns the new start of the clock.
+
+        Never while steps are being skipped: ``current.pth`` then keeps the state after the last
+        good step, and a resume replays the data since (a run that recovers saves later).
+        """
         state.train_time += time.perf_counter() - clock
-        ckpt.save(state)
+        if self._consecutive_bad:
+            log.warning("step %d: not checkpointing after %d skipped step(s) in a row; %s stays "
+                        "at step %s", state.step, self._consecutive_bad, ckpt.path,
+                        ckpt.saved_step)
+        else:
+            ckpt.save(state)
         return time.perf_counter()
+
+    def _check_health(self, state: TrainState, lr: float, ckpt: Checkpointer) -> None:
+        """At a log point: stop a run whose parameters or forward state stopped being finite,
+        or whose loss diverged (:func:`~.health.diverged`). Every rank takes the decision."""
+        bad = first_non_finite(self._watched)
+        reason = f"{bad} holds NaN or inf" if bad else diverged(state.history)
+        if self._any_rank(reason is not None):
+            raise DivergenceError(
+                f"training diverged at step {state.step}: {reason or 'seen by another rank'} "
+                f"(lr {lr:.3g}, precision {self.precision}). Likely causes: a learning rate too "
+                f"high for this batch size, or fp16 overflow. {ckpt.path} holds step "
+                f"{ckpt.saved_step}, saved before this was detected.")
 
     def _any_rank(self, flag: bool) -> bool:
         return bool(dist.all_reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
@@ -320,4 +363,5 @@ class Trainer:
             "final_lr": lr, "loss_history": state.history,
             "steps_this_attempt": state.step - start_step,
             "completed": state.step >= last_step, "run_id": state.run_id,
+            "precision": self.precision, "precision_reason": self.precision_reason,
         }

@@ -18,7 +18,9 @@ class Trainable(nn.Module):
     - :meth:`after_step` after every optimizer step that was applied (a skipped step, with a
       non-finite loss or gradient, calls nothing). What ``forward`` produced for the update
       (keys to enqueue, bank rows, classifier rows) is kept by the method until then;
-    - :meth:`sync_state` before every checkpoint: lazily updated state made current.
+    - :meth:`sync_state` before every checkpoint: lazily updated state made current;
+    - :meth:`forward_state` before every step: what ``forward`` changes in place, restored if
+      the step is skipped.
     """
 
     def forward(self, crops: list[torch.Tensor], index: torch.Tensor
@@ -33,6 +35,19 @@ class Trainable(nn.Module):
 
     def sync_state(self) -> None:
         """Called before every checkpoint: make every buffer current."""
+
+    def forward_state(self) -> list[torch.Tensor]:
+        """The tensors ``forward`` changes in place, before the step's loss is known: the
+        trainer restores them when it skips a non-finite step, so that a skipped step leaves
+        the whole model as it was. Updates made in :meth:`after_step` (banks, queues,
+        classifier rows, an EMA after the step) need no entry: a skipped step never runs it.
+
+        Default: the running statistics and counters of every BatchNorm layer (key encoders'
+        included). A method that changes more in ``forward`` adds those tensors.
+        """
+        return [buffer for module in self.modules()
+                if isinstance(module, nn.modules.batchnorm._NormBase)
+                for buffer in module.buffers(recurse=False)]
 
 
 class Method(Trainable):

@@ -68,6 +68,10 @@ class InstDisc(Method):
         positive_sim = (features[0].detach() * self.bank[index]).sum(1).mean()
         return loss, {"loss": loss.detach(), "positive_sim": positive_sim}
 
+    def forward_state(self) -> list[torch.Tensor]:
+        # NCE's Z is estimated in the first forward: a skipped first step must not keep it.
+        return [*super().forward_state(), self.z]
+
     @torch.no_grad()
     def _estimate_z(self, query: torch.Tensor, negatives: torch.Tensor) -> None:
         """Z ≈ N·mean_j exp(q·v_j/τ) over the uniformly drawn rows, averaged over ranks."""

@@ -39,8 +39,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     Mean and (biased) variance are computed in two passes over the global batch, each an
     all-reduce of a C-vector that carries gradient; running statistics use the unbiased
-    variance, as ``nn.BatchNorm2d`` does. Outside training or outside a distributed run it is
-    exactly ``nn.BatchNorm``.
+    variance, as ``nn.BatchNorm2d`` does. The statistics and the normalisation are computed in
+    float32 whatever the input's dtype (bf16/fp16 under autocast), as ``nn.SyncBatchNorm`` and
+    ``nn.BatchNorm2d`` do: a bf16 mean over a large batch is off by bf16's resolution, and the
+    running buffers stay float32; the output has the input's dtype. Outside training or
+    outside a distributed run it is exactly ``nn.BatchNorm``.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -53,10 +56,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
+        count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float32, device=x.device)
         count = dist.all_reduce_sum(count)
-        mean = _AllReduceSum.apply(x.sum(dims)) / count
-        centred = x - mean.view(shape)
+        xf = x.float()
+        mean = _AllReduceSum.apply(xf.sum(dims)) / count
+        centred = xf - mean.view(shape)
         var = _AllReduceSum.apply(centred.square().sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
@@ -69,7 +73,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return out.to(x.dtype)
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:

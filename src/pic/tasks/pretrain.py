@@ -110,14 +110,17 @@ class Pretrain:
                            knn_top5_random_init=baseline["top5"])
         logger.summary({k: v for k, v in results.items() if not isinstance(v, list)})
         logger.finish()
-        if self.plot and dist.is_main() and summary["loss_history"]:
+        if self.plot:
             from ..logging.plots import plot_run
 
             # t-SNE is quadratic-ish: a fixed random subset of at most 5,000 held-out images.
+            # The extraction all-gathers, so every rank takes part (only rank 0 keeps a loss
+            # history); rank 0 draws.
             subset = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(0))
             subset = torch.utils.data.Subset(val_set, subset[:5000].sort().values.tolist())
             feats, labels = extract_features(model.backbone, subset, knn.batch_size,
                                              trainer.device)
+        if self.plot and summary["loss_history"] and dist.is_main():
             steps, losses = zip(*summary["loss_history"], strict=True)
             plot_run(out_dir / "summary.png", list(steps), list(losses), feats.numpy(),
                      labels.numpy(), f"{cfg.name}: kNN top-1 {final['top1']:.1f}% "

@@ -1,97 +1,23 @@
-"""Where a run executes: the ``cluster`` group.
-
-A launcher receives the composed config and ``run`` (``pic.run.run_task``) and makes every
-process of the job call :func:`pic.dist.init.init_distributed` and then ``run(cfg)``. The config
-travels resolved: spawned processes and SLURM jobs have no Hydra context to resolve
-``${hydra:...}`` in.
-"""
+"""``cluster=slurm``: submitit jobs, requeued on preemption and at the time limit."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import submitit
-import torch
-import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import config_dict
-from .init import init_distributed
+from ..dist.init import init_distributed
+from . import Run, configure_logging
 
 log = logging.getLogger(__name__)
-
-Run = Callable[[DictConfig], Any]
-
-
-def _configure_logging(rank: int) -> None:
-    """Console logging for a process Hydra did not start; ranks > 0 report only warnings."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
-                        format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _local_worker(local_rank: int, nproc: int, port: int, cfg: dict[str, Any], run: Run,
-                  results: Any) -> None:
-    """One spawned process of :class:`Local`: rank ``local_rank`` of ``nproc``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(nproc))
-    _configure_logging(local_rank)
-    init_distributed()
-    try:
-        result = run(OmegaConf.create(cfg))
-    finally:
-        torch.distributed.destroy_process_group()
-    if local_rank == 0:
-        results.put(result)
-
-
-class Local:
-    """Run on this machine: one process in place, or ``nproc_per_node`` DDP processes.
-
-    ``nproc_per_node`` defaults to the number of GPUs (1 on a CPU-only machine). Started by
-    ``torchrun`` (``RANK`` is set), the processes already exist: each runs in place.
-    """
-
-    def __init__(self, nproc_per_node: int | None = None) -> None:
-        if nproc_per_node is not None and nproc_per_node < 1:
-            raise ValueError(f"cluster.nproc_per_node={nproc_per_node}: need at least 1")
-        self.nproc_per_node = nproc_per_node
-
-    def launch(self, cfg: DictConfig, run: Run) -> Any:
-        """Run ``run(cfg)`` in every process; returns rank 0's result."""
-        nproc = self.nproc_per_node or max(torch.cuda.device_count(), 1)
-        if nproc == 1 or "RANK" in os.environ:
-            init_distributed()
-            return run(cfg)
-        if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-            raise ValueError(f"cluster.nproc_per_node={nproc} but this machine has "
-                             f"{torch.cuda.device_count()} GPUs (one process per GPU)")
-        ctx = mp.get_context("spawn")
-        results = ctx.SimpleQueue()
-        procs = mp.start_processes(_local_worker, nprocs=nproc, join=False, start_method="spawn",
-                                   args=(nproc, _free_port(), config_dict(cfg), run, results))
-        result = None
-        # Read while waiting: a result larger than a pipe's buffer would block its writer.
-        while not procs.join(timeout=0.5):
-            if not results.empty():
-                result = results.get()
-        if result is None and not results.empty():
-            result = results.get()
-        return result
 
 
 class SlurmJob(submitit.helpers.Checkpointable):
@@ -107,7 +33,7 @@ class SlurmJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> Any:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
-        _configure_logging(rank)
+        configure_logging(rank)
         init_distributed()
         try:
             return self.run(OmegaConf.create(self.cfg))
