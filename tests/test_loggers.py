@@ -14,13 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
+from pic.data.samplers import EpochSampler
 from pic.engine.checkpoint import load_checkpoint
+from pic.engine.optim import sgd
+from pic.engine.schedules import Cosine
+from pic.engine.trainer import Trainer
+from pic.logging.loggers import WandbLogger
+from pic.models.pic import PIC
+from pic.networks.resnet import TinyResNet
 from pic.run import run_task
 
-from .helpers import ROOT, compose_config
+from .helpers import ROOT, TinyImages, compose_config
 
 SMALL = ["data=synthetic", "data.num_images=96", "data.num_val_images=32", "data.resolution=16",
          "data.image_size=16", "data.num_classes=4", "backbone.widths=[8,16]",
@@ -110,6 +118,8 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path) -> None:
     config = first["config"]
     assert config["model"]["_target_"] == "pic.models.pic.PIC"
     assert config["trainer"]["batch_size"] == 32 and config["data"]["num_images"] == 96
+    # ... with the provenance the checkpoint holds (see the test below).
+    assert config["provenance"] == load_checkpoint(run_dir / "current.pth")["provenance"]
     assert second["summary"]["knn_top1"] == results["knn_top1"]
     assert second["summary"]["steps"] == 6
 
@@ -118,6 +128,21 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path) -> None:
                                   f"output_dir={tmp_path / 'knn'}", "logger=wandb"))
     (run,) = wandb_runs(tmp_path / "knn")
     assert run["job_type"] == "knn" and run["summary"]["knn_top1"] == knn["knn_top1"]
+
+
+def test_the_wandb_config_carries_the_runs_provenance(tmp_path: Path) -> None:
+    """What ``Trainer.fit`` is given as provenance (dataset fingerprint, code version) is in the
+    W&B run's config, beside the composed config, as in the checkpoint."""
+    torch.manual_seed(0)
+    model = PIC(TinyResNet([4, 8]), 16, feature_dim=8)
+    origin = {"data_fingerprint": "f00d", "code_commit": "c0ffee", "code_dirty": False}
+    trainer = Trainer(epochs=1, batch_size=8, num_workers=0, device="cpu", progress=False)
+    trainer.fit(model, TinyImages(16, size=8), EpochSampler(16, seed=0), sgd(model, 8), Cosine(),
+                tmp_path, logger := WandbLogger(), seed=0, config={"seed": 0}, provenance=origin)
+    logger.finish()
+    (run,) = wandb_runs(tmp_path)
+    assert run["config"]["provenance"] == origin and run["config"]["seed"] == 0
+    assert load_checkpoint(tmp_path / "current.pth")["provenance"] == origin
 
 
 def test_pretrain_first_is_one_wandb_run_grouped_by_its_sweep(tmp_path: Path) -> None:
