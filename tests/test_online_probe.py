@@ -14,6 +14,9 @@ from torch import nn
 
 from pic.engine.checkpoint import load_checkpoint
 from pic.engine.online_probe import OnlineProbe
+from pic.engine.optim import sgd
+from pic.engine.trainer import Trainer
+from pic.models.pic import PIC
 from pic.networks.resnet import TinyResNet
 from pic.run import run_task
 
@@ -78,6 +81,25 @@ def test_probe_learns_separable_features_and_skips_non_finite_steps() -> None:
     before = [b.clone() for b in probe.buffers()]
     probe.update(torch.full((64, 16), float("nan")), torch.arange(64))
     assert all(torch.equal(a, b) for a, b in zip(before, probe.buffers(), strict=True))
+
+
+def test_a_skipped_step_leaves_the_probe_as_it_was(tmp_path: Path) -> None:
+    """The trainer skips a step with a non-finite loss: the probe, which stepped inside the
+    method's forward, is put back with the BN statistics."""
+    torch.manual_seed(0)
+    model = PIC(TinyResNet([4, 8]), 16, feature_dim=8)
+    probe = OnlineProbe(8, 3, torch.arange(16) % 3, lr=0.5).attach(model)
+    optimizer = sgd(model, 8)
+    model.attach(optimizer)
+    trainer = Trainer(batch_size=8, device="cpu")
+    batch = {"crops": [torch.randn(8, 3, 8, 8)] * 2, "index": torch.arange(8)}
+    assert trainer.train_step(model, model, optimizer, batch, lr=0.1)[0]
+    before = [t.clone() for t in (probe.weight, probe.bias, probe.weight_momentum)]
+    assert probe.weight.abs().sum() > 0
+    model.register_forward_hook(lambda m, a, out: (out[0] * float("nan"), out[1]))
+    assert not trainer.train_step(model, model, optimizer, batch, lr=0.1)[0]
+    after = (probe.weight, probe.bias, probe.weight_momentum)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_evaluate_matches_an_explicit_loop() -> None:

@@ -49,10 +49,17 @@ class OnlineProbe(nn.Module):
         self._features: torch.Tensor | None = None
 
     def attach(self, method: nn.Module) -> OnlineProbe:
-        """Become ``method.online_probe`` and hook into its forward (see the module doc)."""
+        """Become ``method.online_probe`` and hook into its forward (see the module doc).
+
+        The probe's step runs in the method's forward, so its buffers join the method's
+        ``forward_state``: a step the trainer skips (non-finite loss) leaves the probe as it
+        was, like the rest of the model."""
         method.online_probe = self
         method.encoder.head.register_forward_pre_hook(self._capture)
         method.register_forward_hook(self._step_hook)
+        own = method.forward_state
+        method.forward_state = lambda: [*own(), self.weight, self.bias, self.weight_momentum,
+                                        self.bias_momentum]
         return self
 
     def _capture(self, head: nn.Module, args: tuple[Any, ...]) -> None:
