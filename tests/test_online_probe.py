@@ -4,11 +4,16 @@ with and without it (the probe reads features, never writes a gradient)."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -100,6 +105,43 @@ def test_a_skipped_step_leaves_the_probe_as_it_was(tmp_path: Path) -> None:
     assert not trainer.train_step(model, model, optimizer, batch, lr=0.1)[0]
     after = (probe.weight, probe.bias, probe.weight_momentum)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _probe_steps(features: torch.Tensor, index: torch.Tensor) -> OnlineProbe:
+    """Three steps of a probe (6 classes, 4-dim features) on these rows."""
+    probe = OnlineProbe(4, 6, torch.arange(8) % 6, lr=0.5)
+    for _ in range(3):
+        probe.update(features, index)
+    return probe
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2,
+                                  timeout=datetime.timedelta(seconds=60))
+    try:
+        features = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+        probe = _probe_steps(features[rank * 4:(rank + 1) * 4], torch.arange(8)[rank * 4:][:4])
+        torch.save(probe.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_keep_one_probe_equal_to_one_process(tmp_path: Path) -> None:
+    """Each rank steps on its half of the batch; the averaged gradient keeps both probes equal
+    to one process stepping on the whole batch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    features = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    whole = _probe_steps(features, torch.arange(8)).state_dict()
+    for key, value in whole.items():
+        assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(a[key], value, rtol=0, atol=1e-6)
+    assert whole["weight"].abs().sum() > 0
 
 
 def test_evaluate_matches_an_explicit_loop() -> None:
