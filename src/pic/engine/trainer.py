@@ -251,7 +251,9 @@ class Trainer:
             log.info("resumed from %s at step %d", ckpt.path, state.step)
         net = self._wrap(model)
         if dist.is_main():
-            logger.start(Path(out_dir), ckpt.config, run_id=state.run_id)
+            # The logger's run config: the composed config and what the run was made from.
+            logger.start(Path(out_dir), {**ckpt.config, "provenance": ckpt.provenance},
+                         run_id=state.run_id)
             state.run_id = logger.run_id
         if ckpt.saved_step is None:
             # A checkpoint before the first step: a job preempted early keeps its W&B run id.

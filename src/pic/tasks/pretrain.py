@@ -18,6 +18,8 @@ from .. import dist
 from ..config import config_dict
 from ..engine.checkpoint import atomic_write_text, seed_everything
 from ..engine.features import BASELINES, encoder_of, eval_results, evaluate, headline, pixels
+from ..engine.online_probe import OnlineProbe
+from ..engine.optim import scaled_lr
 from ..engine.probe import FeatureProbe
 from ..logging.history import MetricHistory
 from ..provenance import provenance
@@ -35,13 +37,18 @@ class Pretrain:
     ``knn_random_init`` scores the same network at its random initialisation and ``pixels`` the
     flattened images, the same way (kNN and probe): computed once, before the first step, and
     kept beside the checkpoint for resumes. ``plot`` writes ``summary.png`` (loss curve + t-SNE
-    of held-out features, the three results in its title).
+    of held-out features, the three results in its title). ``online_probe``: train a linear
+    classifier on the detached backbone features of the training batches (SGD,
+    ``online_probe_lr`` per 256 images, momentum 0.9) and report its validation top-1 beside
+    every kNN evaluation (:mod:`pic.engine.online_probe`).
     """
 
     def __init__(self, knn_random_init: bool = True, pixels: bool = True,
-                 probe: FeatureProbe | None = None, plot: bool = True) -> None:
+                 probe: FeatureProbe | None = None, plot: bool = True,
+                 online_probe: bool = False, online_probe_lr: float = 0.1) -> None:
         self.knn_random_init, self.pixels = knn_random_init, pixels
         self.probe, self.plot = probe, plot
+        self.online_probe, self.online_probe_lr = online_probe, online_probe_lr
 
     def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         seed_everything(cfg.seed)
@@ -62,6 +69,14 @@ class Pretrain:
         clock = time.perf_counter()
         baselines = self._baselines(out_dir, lambda e: scored(e, probe=self.probe)[0], encoder)
         timing = {"baselines_time_s": time.perf_counter() - clock}
+        online = self._online_probe(model, train_set, data.num_classes, trainer)
+
+        def online_scores() -> dict[str, float]:
+            if online is None:
+                return {}
+            probed = online.evaluate(model.backbone, val_set, knn.batch_size, trainer.device,
+                                     trainer.num_workers)
+            return {f"online_probe_{k}": v for k, v in probed.items()}
 
         # The kNN monitor's curve survives resumes beside the checkpoint (the report plots it).
         monitor = MetricHistory(out_dir / "knn_history.json", cfg.auto_resume)
@@ -69,9 +84,9 @@ class Pretrain:
         def epoch_end(passes: float) -> dict[str, float]:
             if not (knn.every and int(passes) % knn.every == 0 and passes - int(passes) < 1e-9):
                 return {}
-            scores = scored(encoder, probe=None)[0]["knn"][knn.headline]
+            scores = {**scored(encoder, probe=None)[0]["knn"][knn.headline], **online_scores()}
             monitor.record(passes, scores)
-            return {f"knn_{k}": v for k, v in scores.items()}
+            return {k if k.startswith("online") else f"knn_{k}": v for k, v in scores.items()}
 
         logger = make_logger(cfg)
         origin = provenance(train_set)
@@ -86,7 +101,7 @@ class Pretrain:
         timing["eval_time_s"] = time.perf_counter() - clock
         results = {k: v for k, v in summary.items() if k != "loss_history"}
         results.update(**timing, method=cfg.model._target_, num_instances=len(train_set),
-                       world_size=dist.get_world_size(), **origin,
+                       world_size=dist.get_world_size(), **origin, **online_scores(),
                        knn_history=monitor.rows(),
                        **eval_results(knn, {"trained": final, **baselines}))
         logger.summary({k: v for k, v in results.items() if not isinstance(v, list | dict)})
@@ -100,6 +115,16 @@ class Pretrain:
         if dist.is_main():
             _print_summary(cfg, out_dir, results)
         return results
+
+    def _online_probe(self, model: torch.nn.Module, train_set: Any, num_classes: int,
+                      trainer: Any) -> OnlineProbe | None:
+        """The online probe attached to ``model`` (None when ``online_probe`` is off)."""
+        if not self.online_probe:
+            return None
+        labels = torch.tensor([train_set.label(i) for i in range(len(train_set))])
+        probe = OnlineProbe(model.backbone.out_dim, num_classes, labels,
+                            scaled_lr(self.online_probe_lr, trainer.batch_size))
+        return probe.to(trainer.device).attach(model)
 
     def _baselines(self, out_dir: Path, score: Any, encoder: torch.nn.Module
                    ) -> dict[str, dict[str, Any]]:
