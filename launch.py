@@ -4,6 +4,7 @@
     python launch.py model=simclr trainer.epochs=50   # another method, another length
     python launch.py -m model.temperature=0.1,0.2     # a sweep (one run per value)
     python launch.py cluster=slurm cluster.nodes=2    # the same run on a SLURM cluster
+    python launch.py -m model.temperature=0.1,0.2 cluster=slurm   # a sweep: one SLURM job array
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pic.config import register_schemas
+from pic.launch.slurm import submit_queued
 from pic.run import run
 
 register_schemas()
@@ -24,3 +26,6 @@ def main(cfg: DictConfig) -> object:
 
 if __name__ == "__main__":
     main()
+    # A SLURM sweep's points were queued while Hydra composed them; they go out as one array
+    # now. (Hydra exits before this when any point fails to compose: nothing is submitted.)
+    submit_queued()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -60,9 +61,8 @@ def train(run_dir: Path, conf: Path, launcher: list[str], *overrides: str) -> di
     cmd = [*launcher, "launch.py", f"hydra.run.dir={run_dir}",
            f"hydra.searchpath=[file://{conf}]", "backbone=bn_free",
            "augmentation=deterministic", "logger=none", "trainer.batch_size=64",
-           "trainer.max_steps=4", "trainer.log_every=1", "trainer.num_workers=0",
-           "trainer.progress=false", "task.knn_random_init=false", "task.plot=false",
-           "eval.k=5", *overrides]
+           "trainer.max_steps=4", "trainer.log_every=1", "trainer.num_workers=0", "eval.k=5",
+           *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
@@ -84,6 +84,9 @@ def test_two_local_processes_train_like_one(tmp_path):
     results = [json.loads((tmp_path / d / "results.json").read_text())
                for d in ("one", "two", "torchrun")]
     assert [r["world_size"] for r in results] == [1, 2, 2]
+    # The defaults ran in every process layout: kNN at random init and the summary plot.
+    for d, r in zip(("one", "two", "torchrun"), results, strict=True):
+        assert "knn_top1_random_init" in r and (tmp_path / d / "summary.png").is_file(), d
     assert one["state"]["step"] == two["state"]["step"] == by_torchrun["state"]["step"] == 4
     for other in (two, by_torchrun):
         assert one["model"].keys() == other["model"].keys()
@@ -180,15 +183,20 @@ def test_collect_errors_name_the_directory_or_file(tmp_path, capsys):
 
 
 def rank_report(cfg) -> dict:
-    """Run by every spawned process: who it is, and a collective that needs the group."""
+    """Run by every spawned process: who it is, a collective that needs the group, and how its
+    own DataLoaders would start their workers."""
     total = all_reduce_sum(torch.tensor([float(get_rank() + 1)]))
-    return {"rank": get_rank(), "world": get_world_size(), "sum": total.item(), "key": cfg.key}
+    return {"rank": get_rank(), "world": get_world_size(), "sum": total.item(), "key": cfg.key,
+            "start_method": multiprocessing.get_start_method()}
 
 
 def test_local_spawns_a_process_group_and_returns_rank_zeros_result():
     cfg = OmegaConf.create({"key": "${other}", "other": "resolved"})
     result = Local(nproc_per_node=2).launch(cfg, rank_report)
-    assert result == {"rank": 0, "world": 2, "sum": 3.0, "key": "resolved"}
+    # The platform's default (fork on Linux), not the "spawn" a spawned child inherits, which
+    # made every loader start its workers as fresh interpreters (most of the first DDP step).
+    assert result == {"rank": 0, "world": 2, "sum": 3.0, "key": "resolved",
+                      "start_method": multiprocessing.get_all_start_methods()[0]}
 
 
 @pytest.mark.parametrize(("restarts", "requeued"), [(0, True), (1, True), (2, False)])

@@ -18,16 +18,18 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.slurm.cluster import accounting_states
+from tests.slurm.recording import write_conf
 
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 240  # start-up, kNN at random init, a few steps: ~1 min on an idle 2-core machine
 # Requeue to restart takes ~15 s with the cluster's cred_expire=10 and sched_interval=2.
 REQUEUE_TIMEOUT_S = 150
+# The task's defaults stay on (kNN at random init, the summary plot, progress lines): a default
+# that crashes a multi-process run must crash these tests.
 TRAIN = ["backbone.widths=[8,16,32]", "trainer.batch_size=64", "trainer.num_workers=0",
-         "trainer.progress=false", "task.knn_random_init=false", "task.plot=false", "eval.k=5",
-         "logger=none"]
+         "eval.k=5", "logger=none"]
 
 
 def launch(partition: str, *overrides: str, multirun: bool = False,
@@ -60,13 +62,6 @@ def wait_for(predicate, record: dict, timeout_s: float, what: str) -> None:
         time.sleep(0.3)
 
 
-def read_step(path: Path) -> int:
-    try:
-        return torch.load(path, weights_only=False)["state"]["step"]
-    except (FileNotFoundError, EOFError, RuntimeError):
-        return -1
-
-
 def test_two_task_job_trains_and_writes_results(slurm_cluster, tmp_path):
     proc = launch(slurm_cluster.partition, f"hydra.run.dir={tmp_path}", "trainer.max_steps=3",
                   "cluster.wait=true", timeout_s=JOB_TIMEOUT_S)
@@ -78,20 +73,42 @@ def test_two_task_job_trains_and_writes_results(slurm_cluster, tmp_path):
     assert "kNN top-1" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 3 and results["completed"]
+    assert "knn_top1_random_init" in results and (tmp_path / "summary.png").is_file()
     assert accounting_states(record["job_id"]) == ["COMPLETED"]
 
 
-def test_preempted_job_requeues_and_ends_with_uninterrupted_weights(slurm_cluster, tmp_path):
-    common = ["trainer.max_steps=12", "trainer.checkpoint_every=2", "logger=wandb"]
-    # Both jobs run side by side: the reference and the one that is preempted.
-    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "preempted"
-    for run_dir in (ref_dir, pre_dir):
-        proc = launch(slurm_cluster.partition, f"hydra.run.dir={run_dir}", *common)
+def steps_done(run_dir: Path, attempt: int = 0) -> int:
+    """Steps rank 0 has finished in this attempt (tests/slurm/recording.py), -1 before any."""
+    try:
+        return int((run_dir / "ranks" / f"attempt-{attempt}-rank-0.steps").read_text())
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def rank_records(run_dir: Path, attempt: int) -> list[dict]:
+    """What tests/slurm/recording.py saw in each rank of one attempt, rank order."""
+    paths = sorted((run_dir / "ranks").glob(f"attempt-{attempt}-rank-*.json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def test_two_node_job_is_one_group_and_requeues_to_uninterrupted_weights(slurm_cluster,
+                                                                           tmp_path):
+    """2 nodes × 1 task, preempted (USR2: submitit's pre-timeout signal) and requeued, against
+    1 node × 2 tasks left alone: the same two ranks, hence the same weights. No periodic
+    checkpoint after step 0: the job must checkpoint the step it was signalled at."""
+    conf = tmp_path / "conf"
+    write_conf(conf)
+    common = [f"hydra.searchpath=[file://{conf}]", "task=recording", "trainer.max_steps=12",
+              "trainer.checkpoint_every=1000", "logger=wandb"]
+    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "two_nodes"
+    # Both jobs run side by side, each on both emulated nodes' cores.
+    for run_dir, layout in ((ref_dir, []), (pre_dir, ["cluster.nodes=2",
+                                                      "cluster.nproc_per_node=1"])):
+        proc = launch(slurm_cluster.partition, f"hydra.run.dir={run_dir}", *common, *layout)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     (ref,), (pre,) = manifest(ref_dir), manifest(pre_dir)
 
-    wait_for(lambda: read_step(pre_dir / "current.pth") >= 2, pre, JOB_TIMEOUT_S,
-             "first checkpoint")
+    wait_for(lambda: steps_done(pre_dir) >= 2, pre, JOB_TIMEOUT_S, "training steps")
     run_id = torch.load(pre_dir / "current.pth", weights_only=False)["state"]["run_id"]
     subprocess.run(["scancel", "--signal=USR2", pre["job_id"]], timeout=30, check=True)
 
@@ -100,10 +117,30 @@ def test_preempted_job_requeues_and_ends_with_uninterrupted_weights(slurm_cluste
     assert accounting_states(pre["job_id"]) == ["REQUEUED", "COMPLETED"], (
         "the job was not preempted while training (it finished first?)")
     assert accounting_states(ref["job_id"]) == ["COMPLETED"]
+
+    for attempt in (0, 1):
+        ranks = rank_records(pre_dir, attempt)
+        # One process group over both nodes: ranks 0 and 1, one per node, one rendezvous on the
+        # first node (its name resolves), the SLURM job's.
+        assert [(r["RANK"], r["WORLD_SIZE"], r["LOCAL_RANK"], r["SLURM_NODEID"])
+                for r in ranks] == [("0", "2", "0", "0"), ("1", "2", "0", "1")]
+        assert len({r["SLURMD_NODENAME"] for r in ranks}) == 2
+        assert {r["MASTER_ADDR"] for r in ranks} == {ranks[0]["SLURMD_NODENAME"]}
+        assert len({r["MASTER_PORT"] for r in ranks}) == 1
+        assert {r["SLURM_JOB_ID"] for r in ranks} == {pre["job_id"]}
+        # Each step: half the global batch per rank, disjoint halves; both ranks stop together.
+        assert len(ranks[0]["steps"]) > 0
+        for mine, theirs in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
+            assert len(mine) == len(theirs) == 32 and not set(mine) & set(theirs)
+        # The checkpoint is written by rank 0 alone.
+        assert ranks[0]["saves"] > 0 and ranks[1]["saves"] == 0
+    # The requeued attempt resumed at the very step the first one was signalled at: together
+    # they ran each of the 12 steps once.
+    first, second = (rank_records(pre_dir, a)[0]["steps"] for a in (0, 1))
     results = json.loads((pre_dir / "results.json").read_text())
-    # The second attempt resumed: it ran fewer than all 12 steps, under the same W&B run.
-    assert results["steps"] == 12 and results["steps_this_attempt"] < 12
-    assert run_id is not None and results["run_id"] == run_id
+    assert results["world_size"] == 2 and results["steps"] == 12
+    assert len(first) >= 2 and results["steps_this_attempt"] == len(second) == 12 - len(first)
+    assert run_id is not None and results["run_id"] == run_id  # the same W&B run
     final = torch.load(pre_dir / "current.pth", weights_only=False)["model"]
     reference = torch.load(ref_dir / "current.pth", weights_only=False)["model"]
     assert final.keys() == reference.keys()
@@ -111,23 +148,53 @@ def test_preempted_job_requeues_and_ends_with_uninterrupted_weights(slurm_cluste
         assert torch.equal(final[name], weight), name
 
 
-def test_sweep_submits_every_point_and_writes_a_manifest(slurm_cluster, tmp_path):
-    proc = launch(slurm_cluster.partition, "model.temperature=0.1,0.2", "trainer.max_steps=2",
-                  "cluster.nproc_per_node=1", f"hydra.sweep.dir={tmp_path}",
+def array_runs(array_id: str) -> list[tuple[str, str]]:
+    """(start, end) of every run of a job array's tasks, requeued ones too, from accounting
+    (ISO times: they sort as text), in order."""
+    out = subprocess.run(["sacct", "-j", array_id, "-X", "-D", "-n", "-P", "-o", "Start,End"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return sorted(tuple(line.split("|")) for line in out.splitlines())
+
+
+def test_sweep_is_one_job_array_whose_tasks_requeue_on_their_own(slurm_cluster, tmp_path):
+    """A 2-point sweep, one point requeued by `scontrol requeue` (SIGTERM to the job, which
+    submitit alone ignores): it resumes from the step it was stopped at, not from step 0."""
+    conf = tmp_path / "conf"
+    write_conf(conf)
+    proc = launch(slurm_cluster.partition, "model.temperature=0.1,0.2", "trainer.max_steps=8",
+                  "trainer.checkpoint_every=1000", "cluster.nproc_per_node=1",
+                  f"hydra.searchpath=[file://{conf}]", "task=recording",
+                  "cluster.array_parallelism=1", f"hydra.sweep.dir={tmp_path}",
                   # The default subdir (every override) would pass the 255-byte name limit here.
                   "hydra.sweep.subdir=${hydra.job.num}", multirun=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = manifest(tmp_path)
-    assert len(records) == 2 and len({r["job_id"] for r in records}) == 2
+    # One sbatch: the points are the tasks 0 and 1 of one array.
+    array_id = records[0]["job_id"].split("_")[0]
+    assert [r["job_id"] for r in records] == [f"{array_id}_0", f"{array_id}_1"]
     assert ["model.temperature=0.1" in records[0]["overrides"],
             "model.temperature=0.2" in records[1]["overrides"]] == [True, True]
+    # Requeue the first point alone, once it is training.
+    first, second = (Path(r["run_dir"]) for r in records)
+    wait_for(lambda: steps_done(first) >= 2, records[0], JOB_TIMEOUT_S, "training steps")
+    subprocess.run(["scontrol", "requeue", records[0]["job_id"]], timeout=30, check=True)
     for record in records:
         path = Path(record["run_dir"]) / "results.json"
-        wait_for(path.is_file, record, JOB_TIMEOUT_S, "results.json")
-        assert accounting_states(record["job_id"]) == ["COMPLETED"]
-    # Each job ran its own point (the config the task saved in its run directory).
-    assert [OmegaConf.load(Path(r["run_dir"]) / "config.yaml").model.temperature
-            for r in records] == [0.1, 0.2]
+        wait_for(path.is_file, record, JOB_TIMEOUT_S + REQUEUE_TIMEOUT_S, "results.json")
+    assert accounting_states(records[0]["job_id"]) == ["REQUEUED", "COMPLETED"]
+    assert accounting_states(records[1]["job_id"]) == ["COMPLETED"]
+    resumed, untouched = (json.loads((d / "results.json").read_text()) for d in (first, second))
+    stopped_at = len(rank_records(first, 0)[0]["steps"])
+    assert stopped_at >= 2 and resumed["steps"] == 8
+    assert resumed["steps_this_attempt"] == 8 - stopped_at
+    assert untouched["steps"] == untouched["steps_this_attempt"] == 8
+    # Each task ran its own point (the config the task saved in its run directory)...
+    assert [OmegaConf.load(d / "config.yaml").model.temperature for d in (first, second)] == [
+        0.1, 0.2]
+    # ...and array_parallelism=1 let one task run at a time: no two runs overlap.
+    runs = array_runs(array_id)
+    assert len(runs) == 3  # the preempted task twice
+    assert all(end <= start for (_, end), (start, _) in zip(runs, runs[1:], strict=False))
 
 
 def test_failing_job_is_not_requeued_and_says_why(slurm_cluster, tmp_path):

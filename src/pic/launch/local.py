@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 from typing import Any
@@ -24,6 +25,11 @@ def _free_port() -> int:
 def _local_worker(local_rank: int, nproc: int, port: int, cfg: dict[str, Any], run: Run,
                   results: Any) -> None:
     """One spawned process of :class:`Local`: rank ``local_rank`` of ``nproc``."""
+    # A spawned child inherits "spawn" as its default start method, so each DataLoader here
+    # would start its workers as fresh interpreters, one after another, each importing torch and
+    # unpickling the dataset (~7 s each on 2 CPU cores; most of the first DDP step). Restore the
+    # platform's default (fork on Linux), as in a process started by torchrun or SLURM.
+    multiprocessing.set_start_method(None, force=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(nproc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -60,16 +61,20 @@ class Slurm:
     task; 0 on CPU-only partitions). ``additional_parameters`` passes any other sbatch option
     (``{exclusive: true, mail-type: END}``). Without ``wait`` the command returns once the job
     is queued; the job id, run directory and log paths are appended to ``manifest.jsonl`` in
-    the sweep directory (multirun) or the run directory.
+    the sweep directory (multirun) or the run directory. A sweep (``-m``) is submitted as one
+    job array when it ends (:func:`submit_queued`), at most ``array_parallelism`` of its points
+    running at once; each point is one array task, requeued and resumed on its own.
     """
 
     def __init__(self, nodes: int = 1, nproc_per_node: int = 1, gpus_per_node: int | None = None,
                  partition: str | None = None, timeout_min: int = 1440, cpus_per_task: int = 8,
                  mem_gb: int | None = None, account: str | None = None, qos: str | None = None,
                  constraint: str | None = None, max_requeue: int = 10,
-                 additional_parameters: dict[str, Any] | None = None, wait: bool = False) -> None:
+                 additional_parameters: dict[str, Any] | None = None, wait: bool = False,
+                 array_parallelism: int = 256) -> None:
         for key, value in (("nodes", nodes), ("nproc_per_node", nproc_per_node),
-                           ("timeout_min", timeout_min), ("cpus_per_task", cpus_per_task)):
+                           ("timeout_min", timeout_min), ("cpus_per_task", cpus_per_task),
+                           ("array_parallelism", array_parallelism)):
             if value < 1:
                 raise ValueError(f"cluster.{key}={value}: need at least 1")
         self.nodes, self.nproc_per_node = nodes, nproc_per_node
@@ -78,7 +83,7 @@ class Slurm:
         self.mem_gb, self.account, self.qos, self.constraint = mem_gb, account, qos, constraint
         self.max_requeue = max_requeue
         self.additional_parameters = dict(additional_parameters or {})
-        self.wait = wait
+        self.wait, self.array_parallelism = wait, array_parallelism
 
     def sbatch_parameters(self, job_name: str) -> dict[str, Any]:
         """``SlurmExecutor.update_parameters`` keywords (unset options left to the cluster)."""
@@ -94,35 +99,95 @@ class Slurm:
         return {k: v for k, v in params.items() if v is not None}
 
     def launch(self, cfg: DictConfig, run: Run) -> Any:
-        """Submit; returns the manifest record, or rank 0's result when ``wait``."""
+        """Submit (in a sweep: queue for the sweep's array); returns the manifest record, or
+        rank 0's result when ``wait``."""
         run_dir = Path(cfg.get("output_dir") or Path.cwd()).absolute()
-        executor = submitit.SlurmExecutor(folder=run_dir / "slurm",
-                                          max_num_timeout=self.max_requeue)
-        executor.update_parameters(**self.sbatch_parameters(str(cfg.get("name", "pic"))))
-        job = executor.submit(SlurmJob(config_dict(cfg), run, self.max_requeue))
-        manifest_dir, overrides = _hydra_context(run_dir)
-        record = {"job_id": job.job_id, "run_dir": str(run_dir), "overrides": overrides,
-                  "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
-        with open(manifest_dir / "manifest.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"submitted SLURM job {job.job_id}: {run_dir}\n  log: {job.paths.stdout}\n"
-              f"  err: {job.paths.stderr}", flush=True)
-        if not self.wait:
-            return record
-        return _follow(job)
+        manifest_dir, overrides, sweep = _hydra_context(run_dir)
+        point = _Point(self, config_dict(cfg), run, run_dir, manifest_dir, overrides,
+                       str(cfg.get("name", "pic")))
+        if sweep:
+            _QUEUED.append(point)
+            return {"run_dir": str(run_dir), "overrides": overrides}
+        (job,) = _submit([point], run_dir / "slurm")
+        return _follow(job) if self.wait else _record(job, point)
 
 
-def _hydra_context(run_dir: Path) -> tuple[Path, list[str]]:
-    """(where the manifest goes, this run's command-line overrides)."""
+@dataclasses.dataclass
+class _Point:
+    """One run to submit: its launcher (the allocation), resolved config and where it goes."""
+
+    launcher: Slurm
+    cfg: dict[str, Any]
+    run: Run
+    run_dir: Path
+    manifest_dir: Path
+    overrides: list[str]
+    name: str
+
+
+# Sweep points queued by Slurm.launch while Hydra runs the sweep's jobs, for submit_queued.
+_QUEUED: list[_Point] = []
+
+
+def submit_queued() -> list[dict[str, Any]]:
+    """Submit the queued sweep points: one job array per distinct allocation (usually one).
+
+    Called once the sweep's every point is composed (launch.py, after Hydra returns), so that a
+    sweep costs one ``sbatch``. Returns the manifest records; with ``wait``, follows each job to
+    its end and raises the first failure.
+    """
+    groups: dict[str, list[_Point]] = {}
+    for point in _QUEUED:
+        key = json.dumps([point.launcher.sbatch_parameters(""), point.launcher.max_requeue,
+                          point.launcher.array_parallelism, str(point.manifest_dir)], default=str)
+        groups.setdefault(key, []).append(point)
+    _QUEUED.clear()
+    submitted = [(job, point) for points in groups.values()
+                 for job, point in zip(_submit(points, points[0].manifest_dir / "slurm"), points,
+                                       strict=True)]
+    records = [_record(job, point) for job, point in submitted]
+    for job, point in submitted:
+        if point.launcher.wait:
+            _follow(job)
+    return records
+
+
+def _submit(points: list[_Point], folder: Path) -> list[submitit.Job]:
+    """Submit ``points`` (one allocation) with one sbatch: a job, or an array of them."""
+    launcher = points[0].launcher
+    names = {p.name for p in points}
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=launcher.max_requeue)
+    executor.update_parameters(**launcher.sbatch_parameters(names.pop() if len(names) == 1
+                                                            else "sweep"),
+                               array_parallelism=launcher.array_parallelism)
+    with executor.batch():
+        jobs = [executor.submit(SlurmJob(p.cfg, p.run, launcher.max_requeue)) for p in points]
+    return jobs
+
+
+def _record(job: submitit.Job, point: _Point) -> dict[str, Any]:
+    """Append the job to the manifest, say where its logs are; the manifest record."""
+    record = {"job_id": job.job_id, "run_dir": str(point.run_dir), "overrides": point.overrides,
+              "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
+    with open(point.manifest_dir / "manifest.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"submitted SLURM job {job.job_id}: {point.run_dir}\n  log: {job.paths.stdout}\n"
+          f"  err: {job.paths.stderr}", flush=True)
+    return record
+
+
+def _hydra_context(run_dir: Path) -> tuple[Path, list[str], bool]:
+    """(where the manifest goes, this run's command-line overrides, whether in a sweep)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return run_dir, []
+        return run_dir, [], False
     hydra = HydraConfig.get()
-    folder = Path(hydra.sweep.dir).absolute() if hydra.mode == RunMode.MULTIRUN else run_dir
+    sweep = hydra.mode == RunMode.MULTIRUN
+    folder = Path(hydra.sweep.dir).absolute() if sweep else run_dir
     folder.mkdir(parents=True, exist_ok=True)
-    return folder, list(hydra.overrides.task)
+    return folder, list(hydra.overrides.task), sweep
 
 
 def _follow(job: submitit.Job, poll_s: float = 2.0) -> Any:
