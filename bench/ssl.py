@@ -128,19 +128,21 @@ def execute(run: Run) -> dict:
                            f"see {run.run_dir / 'bench.log'}")
     results = json.loads((run.run_dir / "results.json").read_text())
     done = {"command": command, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "results": results, "eval_k": read_eval_k(run.run_dir)}
+            "results": results, "eval": read_eval(run.run_dir)}
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(done, indent=1, default=float))
     tmp.replace(record)
     return done
 
 
-def read_eval_k(run_dir: Path) -> list[int]:
-    """The run's `eval.k` (an int or a list) from its composed config.yaml."""
+def read_eval(run_dir: Path) -> dict[str, list[float]]:
+    """The run's `eval.k` and `eval.temperature` (each a number or a list) from config.yaml."""
     import yaml
 
-    k = yaml.safe_load((run_dir / "config.yaml").read_text()).get("eval", {}).get("k")
-    return [int(x) for x in (k if isinstance(k, list) else [k])] if k is not None else []
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()).get("eval", {})
+    as_list = {key: cfg.get(key) for key in ("k", "temperature")}
+    return {key: [] if v is None else list(v) if isinstance(v, list) else [v]
+            for key, v in as_list.items()}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
@@ -155,13 +157,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def metric(flat: dict[str, float], eval_k: list[int], kind: str, baseline: str) -> float | None:
+def metric(flat: dict[str, float], evals: dict[str, list[float]], kind: str,
+           baseline: str) -> float | None:
     """One top-1 number from a run's flattened results, found by what its key says, so that
-    the bench reads any spelling (`knn_top1_k20`, `knn.20.top1`, `probe_top1_pixels`, ...).
+    the bench reads any spelling (`knn_top1`, `eval.trained.knn.k200_t0.07.top1`, ...).
 
-    kind: 'knn20', 'knn200' or 'probe'; baseline: 'trained', 'random_init' or 'pixels'. Among
-    several matches the shortest key wins (the one with the fewest qualifiers, e.g. the default
-    kNN temperature). A single-k result without k in its key (`knn_top1`) is read as `eval.k`.
+    kind: 'knn20', 'knn200' or 'probe'; baseline: 'trained', 'random_init' or 'pixels'.
+    `evals`: the run's eval.k and eval.temperature lists. kNN at k prefers the key naming k and
+    the first temperature; a key that names no k (`knn_top1`) is the first k's. Among several
+    matches the shortest key wins (the flat summary key over a nested one).
     """
     def wanted(key: str) -> bool:
         if "top1" not in key or "history" in key:
@@ -178,8 +182,12 @@ def metric(flat: dict[str, float], eval_k: list[int], kind: str, baseline: str) 
         keys = [key for key in keys if "knn" in key]
         numbered = [key for key in keys
                     if re.search(rf"(?<![0-9.]){k}(?![0-9])", key.replace("top1", ""))]
+        if numbered and evals.get("temperature"):
+            t = f"t{float(evals['temperature'][0]):g}"
+            numbered = [key for key in numbered if re.search(rf"{re.escape(t)}(?![0-9])", key)]
         bare = [key for key in keys if not re.search(r"[0-9]", key.replace("top1", ""))]
-        keys = numbered or (bare if eval_k == [k] else [])
+        first_k = bool(evals.get("k")) and int(evals["k"][0]) == k
+        keys = (bare if first_k else []) or numbered
     return flat[min(keys, key=len)] if keys else None
 
 
@@ -191,10 +199,10 @@ def summarise(runs: list[dict]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for kind, _ in COLUMNS:
         for baseline in ("trained", "random_init", "pixels"):
-            values = [metric(flatten(r["results"]), r["eval_k"], kind, baseline) for r in runs]
+            values = [metric(flatten(r["results"]), r["eval"], kind, baseline) for r in runs]
             out[f"{kind}/{baseline}"] = [v for v in values if v is not None]
-        trained = [metric(flatten(r["results"]), r["eval_k"], kind, "trained") for r in runs]
-        init = [metric(flatten(r["results"]), r["eval_k"], kind, "random_init") for r in runs]
+        trained = [metric(flatten(r["results"]), r["eval"], kind, "trained") for r in runs]
+        init = [metric(flatten(r["results"]), r["eval"], kind, "random_init") for r in runs]
         out[f"{kind}/gain"] = [a - b for a, b in zip(trained, init, strict=True)
                                if a is not None and b is not None]
     out["wall_s"] = [r["wall_s"] for r in runs]
