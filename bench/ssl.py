@@ -11,8 +11,8 @@ that finished before with the same command are reused, so an interrupted bench c
 
 Presets (``--epochs``/``--batch-size`` override their budget): ``default``, the five methods
 (``model=X``: PIC, SimCLR, MoCo v2, MoCo v1, InstDisc) on digits, 10 epochs at batch 256;
-``small``, their small-image recipes (``experiment=small_X``); ``ci``, the runs whose seed band
-sets tests/test_accuracy.py's floors; ``real``, the small recipes for 10 epochs of the 10k
+``small``, their small-image recipes (``experiment=small_X``); ``ci``, short runs whose seed
+band is to set CI accuracy floors; ``real``, the small recipes for 10 epochs of the 10k
 Fashion-MNIST images (bench/make_real_data.py); ``claims``, the paper's claims at small scale
 on the 60k Fashion-MNIST images: PIC with the epoch sampler vs the sliding window, one crop vs
 multi-crop, and PIC vs SimCLR vs MoCo v2 vs InstDisc. ``--method 'LABEL=OVERRIDES'`` replaces
@@ -73,7 +73,7 @@ class Preset:
 
 PRESETS = {
     "default": Preset(FIVE),
-    # tests/test_accuracy.py: each method's short digits run whose seed band sets its CI floor.
+    # Short digits runs whose seed band is to set each method's CI accuracy floor.
     # No loader workers: the digits are in memory, and CI's 2 cores are busy enough.
     "ci": Preset(FIVE, ("trainer.num_workers=0",), epochs=CI_EPOCHS, batch_size=CI_BATCH),
     # The sliding window scaled to N = 60k as the paper's to 1.28M (W ≈ N/10, S = W/8).
