@@ -109,7 +109,8 @@ class Slurm:
             _QUEUED.append(point)
             return {"run_dir": str(run_dir), "overrides": overrides}
         (job,) = _submit([point], run_dir / "slurm")
-        return _follow(job) if self.wait else _record(job, point)
+        record = _record(job, point)
+        return _follow(job) if self.wait else record
 
 
 @dataclasses.dataclass
