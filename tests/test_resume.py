@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
+from pic.engine import signals
 from pic.engine.checkpoint import load_checkpoint
 from pic.run import run_task
 
-from .helpers import compose_config
+from .helpers import ROOT, compose_config
 
 SMALL = ["logger=none", "backbone.widths=[8,16]", "trainer.batch_size=128",
          "trainer.progress=false", "trainer.checkpoint_every=1000", "task.plot=false",
@@ -45,3 +54,62 @@ def test_stop_and_resume_ends_with_identical_weights_and_optimizer_state(tmp_pat
     changed = [k for k, v in fresh["model"].items()
                if v.is_floating_point() and not torch.equal(v, straight["model"][k])]
     assert changed
+
+
+# ---------------------------------------------------------------------- stop on a signal
+# Small synthetic images, so that start-up and the final kNN evaluation take little time.
+SIGNAL_RUN = [*SMALL, "data=synthetic", "data.num_images=384", "data.num_val_images=64",
+              "data.resolution=16", "data.image_size=16", "data.num_classes=4",
+              "trainer.batch_size=32", "trainer.log_every=1", "trainer.num_workers=2"]
+
+
+def launch(out_dir: Path, steps: int) -> subprocess.Popen:
+    """launch.py in its own process group (as a shell runs a command), logging every step."""
+    args = [sys.executable, str(ROOT / "launch.py"), *SIGNAL_RUN, f"hydra.run.dir={out_dir}",
+            f"trainer.max_steps={steps}"]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until launch.log shows the progress line of ``step``."""
+    log, deadline = out_dir / "launch.log", time.monotonic() + timeout
+    while f"step {step}/" not in (log.read_text() if log.is_file() else ""):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, f"the run never reached step {step}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_signal_stops_with_a_checkpoint_and_a_rerun_resumes_exactly(tmp_path):
+    steps = 24  # 12 per epoch: the resumed part crosses an epoch boundary
+    run_task(compose_config(*SIGNAL_RUN, f"output_dir={tmp_path / 'straight'}",
+                            f"trainer.max_steps={steps}"))
+    straight = load_checkpoint(tmp_path / "straight" / "current.pth")
+    for signum, whole_group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+        out_dir = tmp_path / signal.Signals(signum).name
+        proc = launch(out_dir, steps)
+        wait_for_step(out_dir, 2, proc)
+        # kill -TERM reaches the process; Ctrl-C reaches the whole group (loader workers too).
+        os.killpg(proc.pid, signum) if whole_group else proc.send_signal(signum)
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 128 + signum, output
+        stopped = load_checkpoint(out_dir / "current.pth")["state"]["step"]
+        assert 2 <= stopped < steps, output  # the step in progress when the signal came
+        assert f"step {stopped + 1}/" not in (out_dir / "launch.log").read_text()
+        assert not (out_dir / "results.json").exists()  # no evaluation of a partial run
+        rerun = launch(out_dir, steps)
+        output = rerun.communicate(timeout=300)[0]
+        assert rerun.returncode == 0, output
+        assert f"at step {stopped}" in (out_dir / "launch.log").read_text()
+        assert_same_state(straight, load_checkpoint(out_dir / "current.pth"))
+
+
+def test_a_second_ctrl_c_exits_at_once() -> None:
+    with signals.stop_on_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received() == signal.SIGINT and signals.exit_code() == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signals.received() is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

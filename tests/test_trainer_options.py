@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,9 @@ from pic.engine.checkpoint import load_checkpoint
 from pic.engine.optim import sgd
 from pic.engine.precision import Hardware, choose_precision
 from pic.engine.schedules import Cosine
-from pic.engine.trainer import Trainer, resolve_device
+from pic.engine.trainer import Trainer, progress_line, resolve_device
 from pic.logging.loggers import NoLogger
+from pic.models.instdisc import InstDisc
 from pic.models.pic import PIC
 from pic.run import run_task
 
@@ -220,6 +222,31 @@ def test_resume_is_exact_with_bf16_and_channels_last(tmp_path: Path) -> None:
     assert not torch.equal(straight.classifier.weight, tiny_pic().classifier.weight)
 
 
+class NoisyImages(TinyImages):
+    """TinyImages with noise drawn from the global generator: an augmentation's draws."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        return item | {"crops": [item["crops"][0] + torch.rand(3, 8, 8)]}
+
+
+def test_a_run_is_identical_for_any_number_of_loader_workers(tmp_path: Path) -> None:
+    # InstDisc draws its negatives from the global generator of the main process; making the
+    # items there (0 workers) must leave that generator as worker processes do.
+    states = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = InstDisc(ConvBackbone(), N, feature_dim=8, num_negatives=4)
+        Trainer(epochs=10, batch_size=8, max_steps=6, num_workers=workers, device="cpu",
+                progress=False).fit(model, NoisyImages(N, size=8), EpochSampler(N, seed=0),
+                                    sgd(model, 8, lr=0.5), Cosine(), tmp_path / str(workers),
+                                    NoLogger(), seed=0)
+        states.append(load_checkpoint(tmp_path / str(workers) / "current.pth"))
+    for key, value in states[0]["model"].items():
+        assert torch.equal(states[1]["model"][key], value), key
+    assert torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
+
+
 # Step 0 is saved before training starts, so that a job preempted early keeps its W&B run id.
 @pytest.mark.parametrize(("max_steps", "every", "saved_at"), [(10, 5, [0, 5, 10]),
                                                                (10, 4, [0, 4, 8, 10]),
@@ -255,8 +282,63 @@ def test_logged_metrics_are_window_means(tmp_path: Path) -> None:
     windows = [(0, 3), (3, 4), (4, 6), (6, 7)]
     for (step, out), (lo, hi) in zip(logger.logged, windows, strict=True):
         expected = math.fsum(losses[lo:hi]) / (hi - lo)
-        assert out["loss"] == pytest.approx(expected, rel=1e-6), step
+        # The trainer sums the n float32 losses in order and divides: each of the n - 1
+        # additions and the division rounds once, by at most u = 2^-24 (losses are positive).
+        assert out["loss"] == pytest.approx(expected, rel=(hi - lo) * 2**-24 * 1.01), step
         assert out["grad_norm"] > 0 and math.isfinite(out["grad_norm"])
+
+
+def test_every_log_point_writes_one_plain_progress_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    logger = RecordingLogger()
+    with caplog.at_level(logging.INFO, logger="pic.engine.trainer"):
+        fit(tiny_pic(), tmp_path, 7, logger=logger, log_every=3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == len(logger.logged) == 4
+    pattern = (r"step (\d+)/7  epoch (\d+\.\d\d)  loss (\d+\.\d{4})  lr \S+  "
+               r"(\d+\.\d) img/s  ETA (\d+:\d\d:\d\d)")
+    for line, (step, out) in zip(lines, logger.logged, strict=True):
+        match = re.fullmatch(pattern, line)
+        assert match, line
+        # Printed with 2 and 4 decimals: off by at most half of the last printed digit.
+        assert int(match[1]) == step and float(match[2]) == pytest.approx(step / 4, abs=0.005)
+        assert float(match[3]) == pytest.approx(out["loss"], abs=5e-5)
+    assert lines[-1].endswith("ETA 0:00:00")  # nothing left after the last step
+
+
+def test_progress_line_eta_is_the_remaining_steps_at_the_window_speed() -> None:
+    out = {"epoch": 1.0, "loss": 2.0, "lr": 0.1, "images_per_s": 64.0}
+    # 100 steps of 32 images at 64 images/s: 50 s.
+    assert progress_line(out, 900, 1000, 32).endswith("64.0 img/s  ETA 0:00:50")
+    assert progress_line(out | {"images_per_s": 0.0}, 1, 2, 32).endswith("ETA ?")
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_the_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    bar = Trainer(device="cpu", progress=True)._progress_bar(0, 5)
+    assert (bar is not None) == tty
+    if bar is not None:
+        bar.close()
+    assert Trainer(device="cpu", progress=False)._progress_bar(0, 5) is None
+
+
+def test_a_stop_request_ends_the_run_after_the_step_in_progress(tmp_path: Path) -> None:
+    model = tiny_pic()
+    trainer = Trainer(epochs=10, batch_size=8, max_steps=20, num_workers=0, device="cpu",
+                      progress=False, log_every=100, checkpoint_every=100)
+    forward = model.forward
+
+    def requesting_forward(crops, index):  # a request arriving during the 4th step
+        trainer.stop_requested = trainer.stop_requested or len(model.backbone.seen) == 3
+        return forward(crops, index)
+
+    model.forward = requesting_forward  # type: ignore[method-assign]
+    summary = trainer.fit(model, TinyImages(N, size=8), EpochSampler(N, seed=0),
+                          sgd(model, 8, lr=0.5), Cosine(), tmp_path, NoLogger(), seed=0)
+    assert (summary["steps"], summary["completed"], summary["stopped_by"]) == (
+        4, False, "stop request")
+    assert load_checkpoint(tmp_path / "current.pth")["state"]["step"] == 4
 
 
 # ---------------------------------------------------------------------- compile, benchmark

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import dist
+from .engine import signals
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,25 @@ def run(cfg: DictConfig) -> Any:
     return instantiate(cfg.cluster).launch(cfg, run_task)
 
 
-def run_task(cfg: DictConfig) -> Any:
-    """Run the task in this process (one rank of the job when distributed)."""
+def run_task(cfg: DictConfig, handle_signals: bool | None = None) -> Any:
+    """Run the task in this process (one rank of the job when distributed).
+
+    With ``handle_signals``, SIGTERM, SIGINT and SIGUSR2 stop the run cleanly
+    (:mod:`pic.engine.signals`): the trainer checkpoints the step it finishes, the task returns
+    its partial summary and the process exits with ``128 + signum``. The default (None) is on,
+    except in a submitit SLURM job, whose own handlers checkpoint and requeue it.
+    """
+    if handle_signals is None:
+        handle_signals = os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
     out_dir = Path(cfg.output_dir or Path.cwd())
     out_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         OmegaConf.save(cfg, out_dir / "config.yaml")
-    return instantiate(cfg.task).run(cfg, out_dir)
+    with signals.stop_on_signals() if handle_signals else contextlib.nullcontext():
+        result = instantiate(cfg.task).run(cfg, out_dir)
+        code = signals.exit_code()
+    if code is not None:
+        log.warning("stopped by a signal; %s/current.pth holds the last step: rerun the same "
+                    "command to resume (exit code %d)", out_dir, code)
+        raise SystemExit(code)
+    return result

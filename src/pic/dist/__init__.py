@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as tdist
 
@@ -81,6 +83,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     tdist.all_reduce(x)
     return x
+
+
+def all_reduce_sum_async(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start the sum of ``x`` over ranks (in place) and return the call that waits for it, so
+    that the collective overlaps the work in between."""
+    if not is_dist():
+        return lambda: x
+    work = tdist.all_reduce(x, async_op=True)
+    return lambda: (work.wait(), x)[1]
 
 
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
+import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +18,14 @@ from torch import nn
 from .. import dist
 from ..bounds import NonNegative, Positive
 from ..dist.init import local_device
+from . import signals
 from .checkpoint import Checkpointer, TrainState
 from .health import DivergenceError, Snapshot, diverged, first_non_finite, watched
 from .loader import Plan, run_loader
 from .precision import PRECISIONS, Hardware, choose_precision, emulated_bf16_warning
 
 log = logging.getLogger(__name__)
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
@@ -28,6 +34,22 @@ class NonFiniteError(RuntimeError):
 def resolve_device(device: str) -> torch.device:
     """``auto``: this process's GPU (its local rank's) if there is one, else the CPU."""
     return local_device() if device == "auto" else torch.device(device)
+
+
+def progress_line(out: dict[str, float], step: int, last_step: int, batch_size: int) -> str:
+    """One plain line for the log at a log point: step/total, epoch, loss, lr, images/s, ETA
+    (the remaining steps at this window's speed; ``batch_size`` is global)."""
+    speed = out["images_per_s"]
+    eta = (last_step - step) * batch_size / speed if speed > 0 else math.inf
+    eta_text = "?" if not math.isfinite(eta) else str(datetime.timedelta(seconds=round(eta)))
+    return (f"step {step}/{last_step}  epoch {out['epoch']:.2f}  "
+            f"loss {out.get('loss', math.nan):.4f}  lr {out['lr']:.4g}  "
+            f"{speed:.1f} img/s  ETA {eta_text}")
+
+
+def _stop_reason() -> str:
+    signum = signals.received()
+    return "stop request" if signum is None else signal.Signals(signum).name
 
 
 class Window:
@@ -237,23 +259,26 @@ class Trainer:
         loader = run_loader(dataset, sampler, plan, state.epoch, state.position, seed,
                             self.num_workers, self.device)
         start_step = state.step
-        lr = self._loop(net, model, optimizer, loader if state.step < last_step else [], lr_at,
-                        plan, last_step, state, ckpt, logger, epoch_end)
+        lr, stopped = self._loop(net, model, optimizer, loader if state.step < last_step else [],
+                                 lr_at, plan, last_step, state, ckpt, logger, epoch_end)
         if ckpt.saved_step != state.step:
             self._checkpoint(ckpt, state, time.perf_counter())
-        return self._summary(state, plan, last_step, lr, start_step)
+        return self._summary(state, plan, last_step, lr, start_step) | {
+            "stopped_by": _stop_reason() if stopped else None}
 
     def _loop(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
               loader: Any, lr_at: Callable[[int], float], plan: Plan, last_step: int,
               state: TrainState, ckpt: Checkpointer, logger: Any,
-              epoch_end: Callable[[float], dict[str, float]] | None) -> float:
-        """Per batch: step, account, log, end the epoch, checkpoint, stop. Returns the last lr."""
+              epoch_end: Callable[[float], dict[str, float]] | None) -> tuple[float, bool]:
+        """Per batch: step, account, log, end the epoch, checkpoint, stop. Returns the last lr
+        and whether a stop request ended the loop."""
         bar = self._progress_bar(state.step, last_step)
         model.train()
-        window, clock, lr = Window(), time.perf_counter(), lr_at(state.step)
+        window, clock, lr, stop = Window(), time.perf_counter(), lr_at(state.step), False
         self._consecutive_bad = 0
         for batch in loader:
             lr = lr_at(state.step)
+            stop_vote = self._start_stop_vote()
             finite, grad_norm, metrics = self.train_step(net, model, optimizer, batch, lr)
             self._count_step(state, finite, lr, ckpt.path)
             state.position += plan.batch_size
@@ -262,15 +287,14 @@ class Trainer:
             epoch_done = plan.epoch_done(state.position)
             if state.step % self.log_every == 0 or state.step == last_step or epoch_done:
                 epoch = state.step / plan.steps_per_pass
-                self._log(window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}, state, logger, bar)
+                self._log(window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}, state, last_step,
+                          logger, bar)
                 self._check_health(state, lr, ckpt)
             if bar is not None:
                 bar.update(1)
             if epoch_done:
                 self._end_epoch(state, plan, logger, epoch_end)
-            # A stop request counts once every rank has seen it (checked at log points, where
-            # the ranks synchronise anyway), so all of them save and leave at the same step.
-            stop = state.step % self.log_every == 0 and self._any_rank(self.stop_requested)
+            stop = stop_vote()
             if state.step % self.checkpoint_every == 0 or stop:
                 clock = self._checkpoint(ckpt, state, clock)
             if state.step >= last_step or stop:
@@ -278,7 +302,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         state.train_time += time.perf_counter() - clock
-        return lr
+        return lr, stop
 
     def _count_step(self, state: TrainState, finite: bool, lr: float, ckpt_path: Path) -> None:
         """Account a step taken or skipped; too many skipped in a row end the run."""
@@ -298,18 +322,22 @@ class Trainer:
                 f"The last good checkpoint {ckpt_path} is intact.")
 
     def _progress_bar(self, step: int, last_step: int) -> Any:
-        if not (self.progress and dist.is_main()):
+        """A tqdm bar on rank 0 when its stream (stderr) is a terminal: in a batch job its
+        carriage returns would make the log unreadable, and the plain lines say it all."""
+        if not (self.progress and dist.is_main() and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
 
         return tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True)
 
-    def _log(self, out: dict[str, float], state: TrainState, logger: Any, bar: Any) -> None:
+    def _log(self, out: dict[str, float], state: TrainState, last_step: int, logger: Any,
+             bar: Any) -> None:
         if not dist.is_main():
             return
         if "loss" in out:
             state.history.append((state.step, out["loss"]))
         logger.log(out, state.step)
+        log.info("%s", progress_line(out, state.step, last_step, self.batch_size))
         if bar is not None:
             bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}", lr=f"{out['lr']:.3g}",
                             img_s=f"{out['images_per_s']:.0f}")
@@ -352,6 +380,24 @@ class Trainer:
 
     def _any_rank(self, flag: bool) -> bool:
         return bool(dist.all_reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
+
+    def _stop_wanted(self) -> bool:
+        return self.stop_requested or signals.received() is not None
+
+    def _start_stop_vote(self) -> Callable[[], bool]:
+        """Whether any rank was asked to stop (``stop_requested``, or a stop signal), so that
+        every rank saves and leaves after the same step: the vote starts before the step and
+        its result is read after it (the call returned).
+
+        In one process the call reads the flag after the step. In a process group the vote is
+        one all-reduce of a scalar, overlapping the step; a request that comes during the step
+        counts from the next one. Cost: bench/stop_check.py.
+        """
+        if not dist.is_dist():
+            return self._stop_wanted
+        votes = torch.tensor([float(self._stop_wanted())], device=self.device)
+        result = dist.all_reduce_sum_async(votes)
+        return lambda: bool(result().item() > 0)
 
     def _summary(self, state: TrainState, plan: Plan, last_step: int, lr: float,
                  start_step: int) -> dict[str, Any]:

@@ -145,6 +145,8 @@ class LinearEval:
             raise ValueError(f"task.pretrain_first=true pretrains in this run; pretrained="
                              f"{cfg.pretrained} would be ignored: drop one of the two")
         results = _pretrain(cfg, out_dir)
+        if results.get("stopped_by"):
+            return results
         # One experiment, one W&B run: the evaluation continues the pretraining's run.
         linear = self.evaluate_checkpoint(cfg, out_dir / "current.pth", out_dir / "linear",
                                           (results.get("run_id"), out_dir, results["steps"]))
@@ -197,6 +199,8 @@ class LinearEval:
         summary = trainer.fit(probe, train_set, sampler, optimizer,
                               Cosine(warmup_epochs=self.warmup_epochs), out_dir, logger, cfg.seed,
                               resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg))
+        if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
+            return summary
         if summary["epochs"] not in history:  # stopped between epochs (max_steps, preemption)
             logger.log(record(summary["epochs"]), summary["steps"])
         rows = [history[e] for e in sorted(history) if e <= summary["epochs"]]

@@ -76,6 +76,8 @@ class Pretrain:
         summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
                               out_dir, logger, cfg.seed, resume=cfg.auto_resume,
                               epoch_end=epoch_end, config=config_dict(cfg))
+        if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
+            return summary
         results: dict[str, Any] = {k: v for k, v in summary.items() if k != "loss_history"}
         final = knn_eval()
         results.update(knn_top1=final["top1"], knn_top5=final["top5"], method=cfg.model._target_,
