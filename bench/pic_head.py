@@ -1,20 +1,22 @@
-"""Step time and peak memory of PIC's classifier head: dense vs sampled, N = 10^4 … 10^8.
+"""Step time, memory, checkpoints and disk of PIC's classifier head, N = 10^4 … 10^8.
 
 One step = forward + backward + update of the head alone on a fixed feature batch (B×D,
 features requiring grad): cosine logits against all N rows (dense, torch.optim.SGD on W) or
 against the positives plus K sampled rows (sampled: its own SGD on those rows, lazy weight
-update correction, the round-robin sweep). Each configuration runs in a fresh subprocess, so
-the peak memory is its own: ``peak RSS`` is the kernel's high-water mark (VmHWM; with mmap it
-includes file pages of the mapping, which the kernel can drop), ``peak anon`` the largest
-anonymous (non-file) resident memory sampled after set-up and after every step.
+update correction, block parking). With ``--sampling recent`` (default) the positives come from
+the sliding-window sampler (W = 131072, S = 16384) and the table is in its order (``-index``:
+row i = image i). Each configuration runs in a fresh subprocess, so memory is its own: peak
+anonymous and peak file-backed resident memory (pages of the table file the process holds),
+sampled after set-up and every step. A checkpoint (sync_state + state_dict) every
+``--checkpoint-every`` steps: its time, and its bytes (the undo journal of the interval plus
+the state). Disk: the table file's allocated blocks after the run, per row written.
 
-    python bench/pic_head.py [--sizes 1e4 1e5 1e6 1e7 1e8] [--num-negatives 4096] [--steps 20]
-                             [--rounds 1] [--sampling uniform|recent]
+    python bench/pic_head.py [--sizes 1e4 1e6 1e7 1e8] [--num-negatives 4096] [--steps 30]
+                             [--rounds 3] [--sampling recent|uniform] [--kinds sampled-mmap]
 
-Prints a Markdown table; "vs first N" is the best step time over that of the smallest N of the
-same head. With ``--rounds R`` every configuration runs R times, the sizes alternating, and
-keeps its best round: on a shared machine a burst of load then spoils one round, not one size.
-Configurations that do not fit in RAM (or on disk, for mmap) are skipped with the reason.
+Prints a Markdown table; "vs first N" is the median step time over that of the smallest N of
+the same head. Rounds are interleaved (the sizes alternate), and the median is over every
+timed step of every round: on a shared machine a burst of load spoils no single size.
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ def mem_available() -> int:
     raise KeyError("MemAvailable")
 
 
-def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str) -> dict:
-    """Runs in the subprocess: build the head, time ``steps`` steps after 3 warm-up steps."""
+def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str,
+            every: int) -> dict:
+    """Runs in the subprocess: build the head, time ``steps`` steps after 3 warm-up steps,
+    with a checkpoint (sync_state + state_dict) every ``every`` steps."""
+    import io
+
     import torch
 
     from pic.data.samplers import SlidingWindowSampler
@@ -63,16 +69,20 @@ def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str
     if kind == "dense":
         clf = InstanceClassifier(n, D)
         opt = torch.optim.SGD(clf.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-    else:
-        storage = kind.split("-")[1]
+    else:  # sampled-<storage>[-<dtype>][-index]: window order unless -index
+        parts = kind.split("-")
+        dtype = next((p for p in parts if p in ("bfloat16", "float16")), "float32")
         clf = SampledInstanceClassifier(n, D, num_negatives=k, sampling=sampling,
-                                        storage=storage, storage_dir=directory)
-        os.sync()  # time steps, not the write-back of the freshly written files
+                                        storage=parts[1], storage_dir=directory, dtype=dtype,
+                                        order_seed=None if "index" in parts else 0)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.03, momentum=0.9,
+                              weight_decay=1e-4)
+        clf.attach(opt)
     setup_s = time.perf_counter() - start
-    peak_anon = status_kib("RssAnon")
-    times, rows = [], 0
+    peak = {"anon": status_kib("RssAnon"), "file": status_kib("RssFile")}
+    times, ckpt_s, ckpt_bytes, rows, visited = [], [], [], 0, set()
     # uniform: positives uniform over N too; recent: PIC's setting, positives from the sliding
-    # window (default W and S), negatives the most recent instances.
+    # window (default W and S), negatives the most recent rows.
     window = iter(SlidingWindowSampler(n)) if sampling == "recent" else None
     for step in range(steps + 3):
         if window is None:
@@ -87,16 +97,29 @@ def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            clf.after_step(0.03)
+            visited.update(clf._pending[0].tolist())  # the rows this step writes
+            clf.after_step()
         features.grad = None
         if step >= 3:
             times.append(time.perf_counter() - t0)
         rows = weight.shape[0]
-        peak_anon = max(peak_anon, status_kib("RssAnon"))
-    # The fastest step: on a shared machine the others measure the neighbours.
-    return {"step_ms": 1000 * min(times), "median_ms": 1000 * statistics.median(times),
-            "rows": rows, "setup_s": setup_s, "peak_anon_mib": peak_anon / 1024,
-            "peak_rss_mib": status_kib("VmHWM") / 1024}
+        if kind != "dense" and (step + 1) % every == 0:
+            journal = clf.store.journal_bytes()  # the rows written since the last checkpoint
+            t0 = time.perf_counter()
+            clf.sync_state()
+            state = io.BytesIO()
+            torch.save(clf.state_dict(), state)
+            ckpt_s.append(time.perf_counter() - t0)
+            ckpt_bytes.append(journal + state.tell())
+        for key, field in (("anon", "RssAnon"), ("file", "RssFile")):
+            peak[key] = max(peak[key], status_kib(field))
+    out = {"times_ms": [1000 * t for t in times], "rows": rows, "setup_s": setup_s,
+           "peak_anon_mib": peak["anon"] / 1024, "peak_file_mib": peak["file"] / 1024}
+    if kind != "dense":
+        out.update(ckpt_ms=1000 * statistics.median(ckpt_s[1:] or ckpt_s),
+                   ckpt_mib=statistics.median(ckpt_bytes[1:] or ckpt_bytes) / 2**20,
+                   disk_mib=clf.store.allocated_bytes() / 2**20, visited=len(visited))
+    return out
 
 
 def skip_reason(kind: str, n: int, directory: str) -> str | None:
@@ -105,69 +128,76 @@ def skip_reason(kind: str, n: int, directory: str) -> str | None:
         need = 3 * table + 4 * B * n * 4
         if need > 0.6 * mem_available():
             return f"needs ~{need / 2**30:.0f} GiB RAM (W, grad, momentum, B×N logits)"
-    elif kind == "sampled-device":
-        if 2 * table > 0.6 * mem_available():
-            return f"W + momentum need {2 * table / 2**30:.0f} GiB RAM"
-    else:  # the table file (W, momentum, update count) and one checkpoint snapshot of it
-        need = 4 * table
-        free = shutil.disk_usage(directory).free
-        if need > free:
-            return (f"needs ~{need / 2**30:.0f} GiB disk (the W + momentum file and one "
-                    f"checkpoint snapshot), {free / 2**30:.0f} GiB free")
+    elif "mmap" not in kind and 2 * table > 0.6 * mem_available():
+        return f"W + momentum need {2 * table / 2**30:.0f} GiB RAM"
+    # mmap: a sparse file; the disk it takes is measured (rows written), not needed up front.
     return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7, 1e8])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e6, 1e7, 1e8])
     parser.add_argument("--num-negatives", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--sampling", choices=["uniform", "recent"], default="uniform",
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--sampling", choices=["uniform", "recent"], default="recent",
                         help="negatives (and positives: uniform, or from the sliding window)")
-    parser.add_argument("--kinds", nargs="+",
-                        default=["dense", "sampled-device", "sampled-mmap"])
+    parser.add_argument("--kinds", nargs="+", default=["sampled-mmap"],
+                        help="dense, or sampled-<device|host|mmap>[-bfloat16|-float16][-index]")
     parser.add_argument("--dir", default=tempfile.gettempdir(),
-                        help="where the mmap files go (needs free disk)")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+                        help="where the mmap files go")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, n, k, steps, directory, sampling = args.child
-        print(json.dumps(measure(kind, int(n), int(k), int(steps), directory, sampling)))
+        kind, n, k, steps, directory, sampling, every = args.child
+        print(json.dumps(measure(kind, int(n), int(k), int(steps), directory, sampling,
+                                 int(every))))
         return
 
     print(f"PIC head, B={B}, D={D}, K={args.num_negatives} {args.sampling} negatives, "
-          f"{os.environ.get('BENCH_THREADS', '1')} threads, {args.steps} steps, "
-          f"best of {args.rounds} round(s)\n")
-    results: dict[tuple[int, str], dict | str] = {}
-    for _ in range(args.rounds):
+          f"{os.environ.get('BENCH_THREADS', '1')} threads, {args.steps} steps × "
+          f"{args.rounds} interleaved round(s), a checkpoint every {args.checkpoint_every} "
+          "steps\n")
+    results: dict[tuple[int, str], list[dict] | str] = {}
+    for _ in range(args.rounds):  # sizes alternate: a burst of load spoils no single size
         for n in map(int, args.sizes):
             for kind in args.kinds:
-                previous = results.get((n, kind))
-                if isinstance(previous, str):
+                if isinstance(results.get((n, kind)), str):
                     continue  # skipped or failed: no use trying again
                 print(f"running N={n:.0e} {kind}", file=sys.stderr, flush=True)
                 result = run_one(kind, n, args)
-                if isinstance(result, str) or previous is None or \
-                        result["step_ms"] < previous["step_ms"]:
+                if isinstance(result, str):
                     results[(n, kind)] = result
-    print("| N | head | rows scored | best step ms | vs first N | median ms | peak anon MiB "
-          "| peak RSS MiB | set-up s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+                else:
+                    results.setdefault((n, kind), []).append(result)  # type: ignore[union-attr]
+    print_table(results)
+
+
+def print_table(results: dict[tuple[int, str], list[dict] | str]) -> None:
+    print("| N | head | rows scored | median step ms | vs first N | peak anon MiB "
+          "| peak file-backed MiB | checkpoint ms | MiB per checkpoint | disk MiB "
+          "| disk B per row written | set-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     first: dict[str, float] = {}
-    for (n, kind), r in results.items():
-        if isinstance(r, str):
-            print(f"| {n:.0e} | {kind} | {r} | | | | | | |")
+    for (n, kind), runs in results.items():
+        if isinstance(runs, str):
+            print(f"| {n:.0e} | {kind} | {runs} |" + " |" * 9)
             continue
-        ratio = r["step_ms"] / first.setdefault(kind, r["step_ms"])
-        print(f"| {n:.0e} | {kind} | {r['rows']} | {r['step_ms']:.1f} | {ratio:.2f}x | "
-              f"{r['median_ms']:.1f} | {r['peak_anon_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['setup_s']:.1f} |")
+        median = statistics.median(t for r in runs for t in r["times_ms"])
+        ratio = median / first.setdefault(kind, median)
+        r = runs[-1]
+        peak_anon = max(x["peak_anon_mib"] for x in runs)
+        peak_file = max(x["peak_file_mib"] for x in runs)
+        extra = (f"{r['ckpt_ms']:.0f} | {r['ckpt_mib']:.1f} | {r['disk_mib']:.0f} | "
+                 f"{r['disk_mib'] * 2**20 / max(r['visited'], 1):.0f}") if "ckpt_ms" in r \
+            else " | | |"
+        print(f"| {n:.0e} | {kind} | {r['rows']} | {median:.1f} | {ratio:.2f}x | "
+              f"{peak_anon:.0f} | {peak_file:.0f} | {extra} | {r['setup_s']:.1f} |")
 
 
 def run_one(kind: str, n: int, args: argparse.Namespace) -> dict | str:
     """One configuration in a fresh subprocess: its measurements, or why there are none."""
-    # The 10^8 row is for mmap only: device storage would need 2·N·D·4 = 95 GiB.
     directory = tempfile.mkdtemp(prefix="pic_head_", dir=args.dir)
     try:
         reason = skip_reason(kind, n, directory)
@@ -175,7 +205,7 @@ def run_one(kind: str, n: int, args: argparse.Namespace) -> dict | str:
             return f"skipped: {reason}"
         out = subprocess.run(
             [sys.executable, __file__, "--child", kind, str(n), str(args.num_negatives),
-             str(args.steps), directory, args.sampling],
+             str(args.steps), directory, args.sampling, str(args.checkpoint_every)],
             capture_output=True, text=True, check=False)
         if out.returncode:
             tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]

@@ -4,7 +4,8 @@ One module-scoped job spawns 2 ranks once and runs every scenario; each test che
 property against a single-process computation.
 
 - SimCLR: one step of 2 ranks × B/2 equals 1 process × B. Its backbone keeps BN, converted to
-  SyncBN (model.sync_bn), which over 2 ranks computes the statistics of the whole batch.
+  SyncBN (model.sync_bn), which over 2 ranks computes the statistics of the whole batch (of
+  both views, or of each view with model.bn_per_crop).
 - PIC: same property, with a backbone *without* BN: PIC keeps per-rank BN (as the paper does),
   which couples the loss to how the batch is split, so only a BN-free network can match.
 - InstDisc bank and MoCo queue are identical on both ranks after several steps.
@@ -37,6 +38,7 @@ from pic.networks.resnet import TinyResNet
 WORLD, BATCH, N = 2, 8, 16  # global batch of 8: 4 per rank
 SHUFFLE_SEED = 123
 METHODS = ("pic", "instdisc", "moco", "simclr")
+ONE_STEP = ("simclr", "simclr_per_crop", "pic")
 
 
 class NoBNNet(nn.Module):
@@ -96,8 +98,9 @@ def one_step(name: str, rank: int, world: int, precision: str = "fp32", sync_bn:
     """State after one step of SimCLR or PIC, run by ``world`` processes; ``fp64``: the
     model and data in float64 (the reference for the bf16 step)."""
     torch.manual_seed(0)
-    if name == "simclr":
-        model = SimCLR(tiny(), feature_dim=8, temperature=0.1, sync_bn=sync_bn)
+    if name.startswith("simclr"):  # simclr_per_crop: each view's own (synchronised) statistics
+        model = SimCLR(tiny(), feature_dim=8, temperature=0.1, sync_bn=sync_bn,
+                       bn_per_crop=name == "simclr_per_crop")
         opt = lars(model, BATCH, lr=0.3)
     else:
         model = PIC(NoBNNet(), num_instances=N, feature_dim=8, temperature=0.2,
@@ -112,11 +115,12 @@ def one_step(name: str, rank: int, world: int, precision: str = "fp32", sync_bn:
 
 
 def new_method(name: str) -> nn.Module:
-    """Each method on a backbone with BN (SimCLR's converted to SyncBN when distributed)."""
+    """Each method on a backbone with BN (SimCLR's converted to SyncBN when distributed); PIC
+    and SimCLR with BN statistics per view (per-chunk, and synchronised per-chunk, BN)."""
     if name == "simclr":
-        return SimCLR(tiny(), feature_dim=8, sync_bn=True)
+        return SimCLR(tiny(), feature_dim=8, sync_bn=True, bn_per_crop=True)
     if name == "pic":
-        return PIC(tiny(), num_instances=N, feature_dim=8)
+        return PIC(tiny(), num_instances=N, feature_dim=8, bn_per_crop=True)
     if name == "instdisc":
         return InstDisc(tiny(), num_instances=N, feature_dim=8, num_negatives=5)
     return MoCo(tiny(), num_instances=N, feature_dim=8, queue_size=BATCH)
@@ -166,7 +170,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch_dist.init_process_group("gloo", rank=rank, world_size=world,
                                   timeout=datetime.timedelta(seconds=60))
     try:
-        results = {name: one_step(name, rank, world) for name in ("simclr", "pic")}
+        results = {name: one_step(name, rank, world) for name in ONE_STEP}
         results["simclr_bf16"] = one_step("simclr", rank, world, "bf16")
         results["simclr_bf16_local_bn"] = one_step("simclr", rank, world, "bf16", sync_bn=False)
         results["autocast"] = {(name, precision): autocast_step(name, precision, rank, world)
@@ -191,7 +195,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, 
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("name", ["simclr", "pic"])
+@pytest.mark.parametrize("name", ONE_STEP)
 def test_one_step_on_two_ranks_equals_one_process(ranks, name: str) -> None:
     expected = one_step(name, rank=0, world=1)
     for r in range(WORLD):
@@ -200,6 +204,7 @@ def test_one_step_on_two_ranks_equals_one_process(ranks, name: str) -> None:
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
     start = {"simclr": lambda: SimCLR(tiny(), feature_dim=8),
+             "simclr_per_crop": lambda: SimCLR(tiny(), feature_dim=8),
              "pic": lambda: PIC(NoBNNet(), num_instances=N, feature_dim=8)}[name]
     torch.manual_seed(0)
     init = start().state_dict()

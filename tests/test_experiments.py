@@ -21,7 +21,8 @@ from pic.config import CONF_DIR, compose_config
 from pic.engine.checkpoint import load_checkpoint
 
 ROOT = CONF_DIR.parent
-EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
+                     if not p.stem.startswith("small_"))
 
 # name: (model class, τ, pretraining epochs, optimizer, base lr per 256, weight decay,
 #        augmentation, crop sizes per image, sampler)
@@ -163,3 +164,35 @@ def test_pretrain_then_linear_chain_on_digits(tmp_path: Path) -> None:
     for key, value in probe.items():
         if key.startswith("backbone."):
             assert torch.equal(value, pretrained[f"encoder.{key}"]), key
+
+
+# ------------------------------------------------------------------ small-image recipes
+SMALL = {"small_pic": ("pic.models.pic.PIC", 1, WINDOW), "small_simclr":
+         ("pic.models.simclr.SimCLR", 2, EPOCH), "small_mocov2": ("pic.models.moco.MoCo", 2, EPOCH),
+         "small_moco": ("pic.models.moco.MoCo", 2, EPOCH),
+         "small_instdisc": ("pic.models.instdisc.InstDisc", 1, EPOCH)}
+
+
+def test_every_method_has_a_small_image_recipe() -> None:
+    methods = {target for target, _, _ in SMALL.values()}
+    assert methods == set(LINEAR) and sorted(SMALL) == sorted(
+        p.stem for p in (CONF_DIR / "experiment").glob("small_*.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_image_recipe(name: str) -> None:
+    """ResNet-18 with a 3×3 stem, batch 256, no Gaussian blur, the method's views per image;
+    PIC: one view, sliding window with W/S = 8, recent negatives, unit-norm classifier rows."""
+    target, views, sampler = SMALL[name]
+    cfg = compose_cfg(f"experiment={name}", "data=folder", "data.root=/d", "data.image_size=32")
+    assert cfg.model._target_ == target and cfg.sampler._target_ == sampler
+    assert (cfg.backbone.arch, cfg.backbone.small_images, cfg.trainer.batch_size) == (
+        "resnet18", True, 256)
+    transform = instantiate(cfg.augmentation)
+    assert "GaussianBlur" not in repr(transform)
+    assert [v.shape[-1] for v in transform(Image.new("RGB", (32, 32), (90, 120, 30)))] == [
+        32] * views
+    if name == "small_pic":
+        assert cfg.sampler.window_size == 8 * cfg.sampler.stride
+        assert (cfg.model.negative_sampling, cfg.model.classifier_init_norm) == ("recent", 1.0)
+        assert cfg.model.num_negatives is not None

@@ -17,10 +17,11 @@ from omegaconf import DictConfig
 
 from pic.config import CONF_DIR, compose_config
 from pic.engine.checkpoint import FORMAT, atomic_save, load_checkpoint
+from pic.models.linear_probe import LinearProbe
 from pic.models.pic import PIC
 from pic.networks.resnet import TinyResNet
 from pic.tasks.common import eval_splits
-from pic.tasks.linear import LinearProbe, evaluate
+from pic.tasks.linear import evaluate
 
 WIDTHS = [8, 16, 32]
 SMALL_RUN = [

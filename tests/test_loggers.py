@@ -9,17 +9,26 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
+from pic.data.samplers import EpochSampler
 from pic.engine.checkpoint import load_checkpoint
+from pic.engine.optim import sgd
+from pic.engine.schedules import Cosine
+from pic.engine.trainer import Trainer
+from pic.logging.loggers import WandbLogger
+from pic.models.pic import PIC
+from pic.networks.resnet import TinyResNet
 from pic.run import run_task
 
-from .helpers import ROOT, compose_config
+from .helpers import ROOT, TinyImages, compose_config
 
 SMALL = ["data=synthetic", "data.num_images=96", "data.num_val_images=32", "data.resolution=16",
          "data.image_size=16", "data.num_classes=4", "backbone.widths=[8,16]",
@@ -33,11 +42,22 @@ LINEAR = ["task=linear", "task.pretrain_first=true", "task.epochs=1", "task.batc
 BLOCK = 32 * 1024  # the .wandb file: LevelDB's log format in 32 KiB blocks, after a 7-byte header
 
 
-def wandb_records(path: Path) -> list[Any]:
-    """Every record of a ``run-<id>.wandb`` file, parsed here from the file format (a record:
-    crc32 (4 bytes), length (2, little-endian), kind (1: whole, 2/3/4: first/middle/last
-    fragment), data; a block's last < 7 bytes are padding)."""
-    data = path.read_bytes()
+def wandb_records(path: Path, timeout_s: float = 60.0) -> list[Any]:
+    """Every record of a ``run-<id>.wandb`` file, up to its ``exit`` record (W&B's service
+    writes the file in the background, and may do so after ``finish`` has returned)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = parse_records(path.read_bytes())
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout_s} s"
+        time.sleep(0.2)
+
+
+def parse_records(data: bytes) -> list[Any]:
+    """The records of a ``.wandb`` file's bytes, parsed here from the format (a record: crc32
+    (4 bytes), length (2, little-endian), kind (1: whole, 2/3/4: first/middle/last fragment),
+    data; a block's last < 7 bytes are padding)."""
     assert data[:4] == b":W&B"
     pos, pending, records = 7, b"", []
     while pos + 7 <= len(data):
@@ -45,6 +65,8 @@ def wandb_records(path: Path) -> list[Any]:
             pos += BLOCK - pos % BLOCK
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # still being written
+            break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -96,6 +118,8 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path) -> None:
     config = first["config"]
     assert config["model"]["_target_"] == "pic.models.pic.PIC"
     assert config["trainer"]["batch_size"] == 32 and config["data"]["num_images"] == 96
+    # ... with the provenance the checkpoint holds (see the test below).
+    assert config["provenance"] == load_checkpoint(run_dir / "current.pth")["provenance"]
     assert second["summary"]["knn_top1"] == results["knn_top1"]
     assert second["summary"]["steps"] == 6
 
@@ -104,6 +128,21 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path) -> None:
                                   f"output_dir={tmp_path / 'knn'}", "logger=wandb"))
     (run,) = wandb_runs(tmp_path / "knn")
     assert run["job_type"] == "knn" and run["summary"]["knn_top1"] == knn["knn_top1"]
+
+
+def test_the_wandb_config_carries_the_runs_provenance(tmp_path: Path) -> None:
+    """What ``Trainer.fit`` is given as provenance (dataset fingerprint, code version) is in the
+    W&B run's config, beside the composed config, as in the checkpoint."""
+    torch.manual_seed(0)
+    model = PIC(TinyResNet([4, 8]), 16, feature_dim=8)
+    origin = {"data_fingerprint": "f00d", "code_commit": "c0ffee", "code_dirty": False}
+    trainer = Trainer(epochs=1, batch_size=8, num_workers=0, device="cpu", progress=False)
+    trainer.fit(model, TinyImages(16, size=8), EpochSampler(16, seed=0), sgd(model, 8), Cosine(),
+                tmp_path, logger := WandbLogger(), seed=0, config={"seed": 0}, provenance=origin)
+    logger.finish()
+    (run,) = wandb_runs(tmp_path)
+    assert run["config"]["provenance"] == origin and run["config"]["seed"] == 0
+    assert load_checkpoint(tmp_path / "current.pth")["provenance"] == origin
 
 
 def test_pretrain_first_is_one_wandb_run_grouped_by_its_sweep(tmp_path: Path) -> None:

@@ -112,6 +112,27 @@ def _close(value: torch.Tensor, expected: float, tol: float) -> None:
     assert abs(value.item() - expected) <= tol * max(1.0, abs(expected)), (value.item(), expected)
 
 
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def f32_error(d: int, tau: float, logit_weight: float, terms: int, value: float) -> float:
+    """A worst-case bound on a float32 loss's error against exact arithmetic on the same inputs.
+
+    One logit cos(a, b)/τ: normalising a and b (a sum of d squares and a division each) and
+    their dot product (d products summed) err by at most (3d + 6)·u relative, |cos| <= 1, so
+    by (3d + 6)·u/τ. The loss moves by at most ``logit_weight`` times that (the L1 norm of its
+    gradient in the logits: 2 for a softmax cross-entropy, K + 1 for NCE's K + 1 log-terms), and
+    its sums over ``terms`` exponentials and rows add ``terms``·u relative.
+    """
+    logit = (3 * d + 6) * U32 / tau
+    return logit_weight * logit + (terms + 4) * U32 * max(1.0, abs(value))
+
+
+def _close32(value: torch.Tensor, expected: float, bound: float) -> None:
+    assert value.ndim == 0 and value.dtype == torch.float32
+    assert abs(value.item() - expected) <= bound, (value.item(), expected, bound)
+
+
 SHAPES = [(1, 3, 2), (4, 8, 16), (16, 32, 50), (7, 128, 300)]  # (B, D, C or K)
 
 
@@ -128,8 +149,8 @@ def test_instance_classification_matches_reference(b, d, c, tau):
     assert loss.dtype == torch.float64
     _close(loss, ref_instance_classification(features, weight, labels, tau), 1e-10)
     loss32 = instance_classification_loss(features.float(), weight.float(), labels, tau)
-    assert loss32.dtype == torch.float32
-    _close(loss32, ref_instance_classification(features, weight, labels, tau), 1e-5)
+    expected = ref_instance_classification(features, weight, labels, tau)
+    _close32(loss32, expected, f32_error(d, tau, 2, c + b, expected))
 
 
 def test_cosine_logits_are_scale_invariant_cosines_over_tau():
@@ -165,8 +186,8 @@ def test_info_nce_matches_reference(b, d, k, per_sample):
     loss = info_nce(query, key, negatives, tau)
     _close(loss, ref_info_nce(query, key, negatives, tau), 1e-10)
     loss32 = info_nce(query.float(), key.float(), negatives.float(), tau)
-    assert loss32.dtype == torch.float32
-    _close(loss32, ref_info_nce(query, key, negatives, tau), 1e-5)
+    expected = ref_info_nce(query, key, negatives, tau)
+    _close32(loss32, expected, f32_error(d, tau, 2, k + 1 + b, expected))
 
 
 def test_info_nce_positive_is_at_index_zero():
@@ -192,7 +213,8 @@ def test_info_nce_shared_and_repeated_per_sample_negatives_agree():
     repeated = queue.unsqueeze(0).expand(8, -1, -1)
     shared = info_nce(query.float(), key.float(), queue.float(), 0.2)
     per_sample = info_nce(query.float(), key.float(), repeated.float(), 0.2)
-    assert torch.allclose(shared, per_sample, rtol=1e-6, atol=0)
+    # Two float32 computations of one value: each within the bound of the exact one.
+    _close32(shared, per_sample.item(), 2 * f32_error(32, 0.2, 2, 64 + 1 + 8, shared.item()))
 
 
 # ---------------------------------------------------------------- NCE
@@ -208,8 +230,7 @@ def test_nce_matches_paper_formula(b, d, k, per_sample):
     expected = ref_nce(query, positive, negatives, tau, n_instances, z)
     _close(nce_loss(query, positive, negatives, tau, n_instances, z), expected, 1e-10)
     loss32 = nce_loss(query.float(), positive.float(), negatives.float(), tau, n_instances, z)
-    assert loss32.dtype == torch.float32
-    _close(loss32, expected, 1e-5)
+    _close32(loss32, expected, f32_error(d, tau, k + 1, k + 1 + b, expected))
 
 
 def test_nce_rewards_the_positive_and_penalises_noise():
@@ -233,7 +254,7 @@ def test_nce_shared_and_repeated_per_sample_negatives_agree():
     args = (0.07, 10_000, 3.0e4)
     shared = nce_loss(query.float(), positive.float(), queue, *args)
     per_sample = nce_loss(query.float(), positive.float(), queue.expand(8, -1, -1), *args)
-    assert torch.allclose(shared, per_sample, rtol=1e-6, atol=0)
+    _close32(shared, per_sample.item(), 2 * f32_error(32, 0.07, 65, 65 + 8, shared.item()))
 
 
 def test_nce_is_finite_when_exp_overflows_float32():
@@ -252,8 +273,8 @@ def test_nt_xent_matches_reference(b, d, tau):
     z1, z2 = _randn(b, d, seed=25) * 4.0, _randn(b, d, seed=26) * 0.3
     _close(nt_xent(z1, z2, tau), ref_nt_xent(z1, z2, tau), 1e-10)
     loss32 = nt_xent(z1.float(), z2.float(), tau)
-    assert loss32.dtype == torch.float32
-    _close(loss32, ref_nt_xent(z1, z2, tau), 1e-5)
+    expected = ref_nt_xent(z1, z2, tau)
+    _close32(loss32, expected, f32_error(d, tau, 2, 4 * b, expected))
 
 
 def test_nt_xent_excludes_self_similarity():
@@ -300,21 +321,26 @@ def _calls(dtype: torch.dtype):
     ]  # fmt: skip
 
 
+# The float32 error bounds of the four calls of _calls (B 8, D 32, K or C 40, τ 0.1).
+_PRECISION_BOUNDS = [lambda v: f32_error(32, 0.1, 2, 40 + 8, v),
+                     lambda v: f32_error(32, 0.1, 2, 41 + 8, v),
+                     lambda v: f32_error(32, 0.1, 41, 41 + 8, v),
+                     lambda v: f32_error(32, 0.1, 2, 4 * 8, v)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_give_float32_losses(dtype):
-    for call, expected in _calls(dtype):
+    for (call, expected), bound in zip(_calls(dtype), _PRECISION_BOUNDS, strict=True):
         loss = call()
-        assert loss.dtype == torch.float32
-        _close(loss, expected, 1e-5)
+        _close32(loss, expected, bound(expected))
 
 
 def test_autocast_does_not_lower_the_precision():
     # Under CPU bf16 autocast the matmuls would otherwise run in bf16 (~1e-2 error on logits/τ).
-    for call, expected in _calls(torch.float32):
+    for (call, expected), bound in zip(_calls(torch.float32), _PRECISION_BOUNDS, strict=True):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = call()
-        assert loss.dtype == torch.float32
-        _close(loss, expected, 1e-5)
+        _close32(loss, expected, bound(expected))
 
 
 # ---------------------------------------------------------------- gradients

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -16,8 +17,9 @@ from pic.engine.lars import lars
 from pic.models.instdisc import InstDisc
 from pic.models.moco import MoCo
 from pic.models.simclr import SimCLR
+from pic.networks.batchnorm import BatchNorm, convert_batchnorm, statistics_per_chunk
+from pic.networks.heads import MultiCropEncoder, projection_head
 from pic.networks.resnet import TinyResNet
-from pic.networks.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 from .helpers import compose_config
 
@@ -126,6 +128,35 @@ def test_instdisc_bank_update_after_step_only() -> None:
                                    rtol=1e-5, atol=1e-6)
     untouched = [i for i in range(10) if i not in index.tolist()]
     assert torch.equal(model.bank[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("name", ["instdisc", "moco"])
+def test_step_update_applied_once_and_only_for_a_taken_step(name: str) -> None:
+    """The Method protocol: forward defers the step's update, after_step takes it once; a
+    skipped step's update (forward without after_step) is replaced by the next forward's."""
+    torch.manual_seed(0)
+    model = (InstDisc(tiny_backbone(), num_instances=10, feature_dim=8, num_negatives=3)
+             if name == "instdisc" else MoCo(tiny_backbone(), num_instances=10, feature_dim=8,
+                                             queue_size=8))
+    state = "bank" if name == "instdisc" else "queue"
+    before = getattr(model, state).clone()
+    crops = [images(4, 1)] if name == "instdisc" else [images(4, 1), images(4, 2)]
+    model(crops, torch.tensor([0, 1, 2, 3]))  # this step is skipped
+    crops = [images(4, 3)] if name == "instdisc" else [images(4, 3), images(4, 4)]
+    model(crops, torch.tensor([4, 5, 6, 7]))
+    update = model.deferred_update()
+    assert update is not None and model.deferred_update() is None  # taken once
+    model.defer_update(update)
+    model.after_step()
+    after = getattr(model, state).clone()
+    changed = (after != before).any(dim=1).nonzero().flatten().tolist()
+    # Only the applied step's rows: InstDisc's bank rows 4-7; MoCo's first 4 queue slots.
+    assert changed == ([4, 5, 6, 7] if name == "instdisc" else [0, 1, 2, 3])
+    model.after_step()  # nothing left to apply
+    if name == "instdisc":
+        assert torch.equal(model.bank, after)
+    else:
+        assert torch.equal(model.queue, after) and int(model.queue_ptr) == 4
 
 
 def test_instdisc_rejects_unknown_loss() -> None:
@@ -246,25 +277,90 @@ def test_lars_matches_loop_reference() -> None:
                                    torch.tensor(w, dtype=torch.float64), rtol=1e-5, atol=1e-7)
 
 
-# ---------------------------------------------------------------------------------- SyncBN
-def test_syncbn_conversion_keeps_state_and_is_plain_bn_in_one_process() -> None:
+# ------------------------------------------------------------------------ BN: sync, per crop
+def test_batchnorm_conversion_keeps_state_and_is_plain_bn_in_one_process() -> None:
     torch.manual_seed(0)
     net = tiny_backbone()
     net(images(6, 0))  # running statistics away from their init
-    converted = convert_sync_batchnorm(tiny_backbone())
+    converted = convert_batchnorm(tiny_backbone(), sync=True)
     converted.load_state_dict(net.state_dict())
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
-    assert any(isinstance(m, SyncBatchNorm) for m in converted.modules())
+    assert any(isinstance(m, BatchNorm) and m.sync for m in converted.modules())
     x = images(6, 1)
     torch.testing.assert_close(converted(x), net(x))
     torch.testing.assert_close(converted.state_dict(), net.state_dict())
+
+
+# float64: the per-crop and the separate computations differ only in summation order.
+F64 = {"rtol": 1e-12, "atol": 1e-12}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_ghost_bn_over_k_chunks_equals_k_separate_passes(k: int) -> None:
+    """One call on k concatenated crops with per-chunk statistics = k calls of plain BN:
+    outputs, parameter gradients and running statistics (updated once per crop, in order)."""
+    torch.manual_seed(0)
+    separate = nn.Sequential(tiny_backbone(), nn.Linear(16, 8), nn.BatchNorm1d(8)).double()
+    ghost = convert_batchnorm(copy.deepcopy(separate), sync=False)
+    crops = [images(5, 10 + i).double() for i in range(k)]
+    want = [separate(c) for c in crops]
+    with statistics_per_chunk(ghost, k):
+        got = ghost(torch.cat(crops)).chunk(k)
+    weights = torch.randn(k, 5, 8, dtype=torch.float64)  # a loss that weighs every output
+    sum((w * o).sum() for w, o in zip(weights, want, strict=True)).backward()
+    sum((w * o).sum() for w, o in zip(weights, got, strict=True)).backward()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+    for (name, a), b in zip(ghost.named_parameters(), separate.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, **F64, msg=name)
+    torch.testing.assert_close(ghost.state_dict(), separate.state_dict(), **F64)
+    # Statistics of all k·B rows give other outputs: the comparison sees the difference.
+    concatenated = copy.deepcopy(separate)(torch.cat(crops)).chunk(k)
+    assert max((a - b).abs().max() for a, b in zip(concatenated, want, strict=True)) > 1e-3
+    assert all(m.chunks == 1 for m in ghost.modules() if isinstance(m, BatchNorm))
+
+
+def test_encoder_bn_per_crop_within_each_resolution_group() -> None:
+    """MultiCropEncoder(bn_per_crop): each crop of a group normalised as if alone; groups of
+    one crop are unchanged."""
+    torch.manual_seed(0)
+    plain = MultiCropEncoder(tiny_backbone(), projection_head(16, 8)).double()
+    per_crop = convert_batchnorm(copy.deepcopy(plain), sync=False)
+    per_crop.bn_per_crop = True
+    crops = [images(4, 20).double(), images(4, 21).double(),
+             nn.functional.interpolate(images(4, 22), size=8).double()]
+    got = per_crop(crops)
+    want = [plain([c])[0] for c in crops]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_ghost_bn_needs_equal_chunks() -> None:
+    norm = BatchNorm(3)
+    norm.chunks = 2
+    with pytest.raises(ValueError, match="equal chunks"):
+        norm(torch.randn(5, 3))
+
+
+def test_google_simclr_head_bn_in_every_layer_no_bias_in_the_last() -> None:
+    head = projection_head(16, 8, mlp=True, batch_norm=True)
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    norms = [m for m in head if isinstance(m, nn.BatchNorm1d)]
+    assert len(linears) == len(norms) == 2 and all(m.bias is None for m in linears)
+    assert isinstance(head[-1], nn.BatchNorm1d) and head[-1].bias is None
+    assert head[-1].weight is not None and norms[0].bias is not None
+    out = head(torch.randn(6, 16))  # the output of a fresh head: zero mean per feature
+    torch.testing.assert_close(out.mean(0), torch.zeros(8), atol=1e-6, rtol=0)
+    model = SimCLR(tiny_backbone(), feature_dim=8, head_batch_norm=True, bn_per_crop=True)
+    assert "encoder.head.4.bias" not in model.state_dict()
+    model([images(4, 0), images(4, 1)], torch.arange(4))[0].backward()
 
 
 # ----------------------------------------------------------------- each option, one recipe
 # model option: (augmentation's pipeline, views per image, schedule) of that method's paper.
 RECIPES = {
     "pic": ("pic.data.transforms.simclr", 1, "pic.engine.schedules.Cosine"),
-    "instdisc": ("pic.data.transforms.instdisc", 1, "pic.engine.schedules.Cosine"),
+    "instdisc": ("pic.data.transforms.instdisc", 1, "pic.engine.schedules.Step"),
     "moco": ("pic.data.transforms.instdisc", 2, "pic.engine.schedules.Step"),
     "mocov2": ("pic.data.transforms.mocov2", 2, "pic.engine.schedules.Cosine"),
     "simclr": ("pic.data.transforms.simclr", 2, "pic.engine.schedules.Cosine"),

@@ -4,7 +4,9 @@ lock, provenance (data fingerprint, code version), checkpoints that must stay go
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from pic.collect import collect
+from pic.engine import checkpoint
+from pic.engine.checkpoint import Checkpointer, TrainState, load_checkpoint
 from pic.engine.health import diverged, first_non_finite
-from pic.engine.rundir import RunDirLocked, lock_run_dir, remove_orphans
+from pic.engine.rundir import RunDirLocked, lock_run_dir, use_run_dir
 from pic.provenance import DatasetChanged, check_same_dataset, code_version, describe_code
 
 from .helpers import ROOT
@@ -78,11 +83,26 @@ def test_the_lock_is_released_after_the_run(tmp_path):
 
 
 def test_orphaned_temporaries_are_removed_and_nothing_else(tmp_path):
-    for name in (".current.pth.abc123", ".current.pth.x", "current.pth", ".hydra", "other.pth"):
+    names = (".current.pth.abc123.partial", ".results.json.x.partial", "current.pth", ".hydra",
+             "other.pth", ".current.pth.unrelated")
+    for name in names:
         (tmp_path / name).write_bytes(b"x")
-    removed = remove_orphans(tmp_path, "current.pth")
-    assert sorted(p.name for p in removed) == [".current.pth.abc123", ".current.pth.x"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "current.pth", "other.pth"]
+    with use_run_dir(tmp_path):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".current.pth.unrelated", ".hydra", "current.pth", "other.pth", "run.lock"]
+
+
+def test_a_write_killed_midway_leaves_a_temporary_that_start_up_removes(tmp_path):
+    code = ("import os, sys; from pic.engine.checkpoint import atomic_write\n"
+            "def write(f):\n    f.write(b'x' * 1000); f.flush(); os.kill(os.getpid(), 9)\n"
+            "atomic_write(sys.argv[1], write)\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "current.pth")], check=False)
+    orphans = [p.name for p in tmp_path.iterdir()]
+    assert len(orphans) == 1 and orphans[0].startswith(".current.pth.")
+    with use_run_dir(tmp_path):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
 
 
 # ---------------------------------------------------------------- provenance
@@ -154,3 +174,147 @@ def test_a_learning_noisy_or_slow_loss_is_not_divergence():
     assert diverged(_curve(7.0, 7.1, 7.05, 7.2, 7.1, 7.0)) is None  # slow start, at chance
     assert diverged(_curve(7.0, 6.0, 4.0, 3.0, 6.9, 3.0, 7.0)) is None  # one bad window
     assert diverged(_curve(7.0, 30.0, 30.0)) is None  # too short to tell
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _net(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(3, width), nn.BatchNorm1d(width))
+
+
+class _Model(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.net = _net(width)
+
+    def sync_state(self) -> None:
+        pass
+
+
+def _checkpointer(path: Path, width: int, **kw) -> Checkpointer:
+    model = _Model(width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Checkpointer(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), **kw)
+
+
+MOCO = {"model": {"_target_": "pic.models.moco.MoCo", "queue_size": 4096},
+        "backbone": {"_target_": "pic.networks.resnet.resnet_tiny", "width": 16}}
+PIC = {"model": {"_target_": "pic.models.pic.PIC", "temperature": 0.2},
+       "backbone": {"_target_": "pic.networks.resnet.resnet_tiny", "width": 16}}
+
+
+def test_resuming_another_methods_checkpoint_says_which_and_what_to_do(tmp_path):
+    path = tmp_path / "current.pth"
+    _checkpointer(path, 4, config=MOCO).save(TrainState(step=7))
+    with pytest.raises(ValueError) as err:
+        _checkpointer(path, 5, config=PIC).restore()
+    message = str(err.value)
+    assert f"{path} is a checkpoint of model MoCo(queue_size=4096) on backbone " \
+           "resnet_tiny(width=16)" in message
+    assert "this run's model PIC(temperature=0.2)" in message
+    assert "config.yaml" in message and "hydra.run.dir" in message
+
+
+def test_resume_across_datasets_stops_unless_allowed(tmp_path):
+    path = tmp_path / "current.pth"
+    _checkpointer(path, 4, provenance={"data_fingerprint": "aaaa"}).save(TrainState(step=3))
+    with pytest.raises(DatasetChanged, match="trained on dataset aaaa, the configured data is "
+                                             "bbbb"):
+        _checkpointer(path, 4, provenance={"data_fingerprint": "bbbb"}).restore()
+    state = _checkpointer(path, 4, provenance={"data_fingerprint": "bbbb"},
+                          allow_dataset_change=True).restore()
+    assert state.step == 3
+
+
+def test_a_checkpoint_with_non_finite_tensors_is_refused_naming_file_and_tensor(tmp_path):
+    path = tmp_path / "current.pth"
+    ckpt = _checkpointer(path, 4)
+    ckpt.save(TrainState())
+    saved = torch.load(path, weights_only=False)
+    saved["model"]["net.1.running_var"][2] = math.inf
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match=rf"{path}: tensor net.1.running_var holds NaN or inf"):
+        load_checkpoint(path)
+
+
+def test_disk_full_while_checkpointing_is_named_and_the_previous_one_is_intact(tmp_path,
+                                                                              monkeypatch):
+    path = tmp_path / "current.pth"
+    ckpt = _checkpointer(path, 4)
+    ckpt.save(TrainState(step=1))
+    before = path.read_bytes()
+    real_mkstemp = checkpoint.tempfile.mkstemp
+
+    def full_disk(**kw):  # the temporary's name as usual, its writes to /dev/full (ENOSPC)
+        fd, name = real_mkstemp(**kw)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", full_disk)
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] no space left on device writing {path}; "
+                                      r"the previous checkpoint is intact$"):
+        ckpt.save(TrainState(step=2))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.pth"]
+
+
+def test_file_size_limit_while_checkpointing_is_named(tmp_path):
+    """A real kernel refusal through torch's zip writer (RLIMIT_FSIZE: EFBIG)."""
+    code = f"""
+import resource, signal, torch
+from pathlib import Path
+from pic.engine.checkpoint import atomic_save
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    atomic_save({{"w": torch.zeros(100_000)}}, Path({str(tmp_path / "current.pth")!r}))
+except OSError as err:
+    print(err)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (f"[Errno 27] file too large writing {tmp_path / 'current.pth'};"
+                                  " no checkpoint was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- end to end (launch.py)
+
+
+def launch(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), f"hydra.run.dir={run_dir}",
+                           "logger=none", *overrides], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_second_launch_in_a_busy_run_directory_stops_at_once(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        out = launch(tmp_path, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.returncode != 0
+    assert f"is in use by another run (pid {holder.pid} on {socket.gethostname()}" in out.stderr
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "current.pth").exists()
+
+
+@pytest.mark.slow
+def test_probe_lr_1e30_keeps_the_last_good_checkpoint_finite(tmp_path):
+    out = launch(tmp_path, "optimizer.lr=1e30", "trainer.max_steps=30",
+                 "trainer.checkpoint_every=5", "trainer.batch_size=64")  # 64: a cheaper step
+    assert out.returncode != 0 and "NonFiniteError" in out.stderr
+    ckpt = load_checkpoint(tmp_path / "current.pth")  # refuses any NaN/inf tensor
+    steps = ckpt["state"]["step"]
+    # The last checkpoint written before the streak of skipped steps began.
+    assert steps % 5 == 0 and ckpt["state"]["bad_steps"] == 0
+    assert f"current.pth stays at step {steps}" in out.stdout + out.stderr  # the log
+
+
+@pytest.mark.slow
+def test_probe_lr_1e6_divergence_stops_naming_the_step(tmp_path):
+    out = launch(tmp_path, "optimizer.lr=1e6", "trainer.max_steps=60", "trainer.batch_size=64")
+    assert out.returncode != 0
+    assert re.search(r"DivergenceError: training diverged at step \d+: \S+ holds NaN or inf",
+                     out.stderr), out.stderr[-2000:]
+    load_checkpoint(tmp_path / "current.pth")  # what was saved is finite

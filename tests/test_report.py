@@ -46,7 +46,9 @@ def sweep(tmp_path: Path) -> Path:
               "name: ${hydra:runtime.choices.model}\nmodel:\n  _target_: pic.models.simclr.SimCLR\n"
               "task:\n  _target_: pic.tasks.pretrain.Pretrain\n",
               {"epochs": 3.0, "steps": 30, "train_time_s": 36.0, "knn_top1": 90.0,
-               "knn_top1_random_init": 85.0}, [(10, 5.0), (30, 4.0)])
+               "knn_top1_random_init": 85.0, "knn_top1_pixels": 97.5, "probe_top1": 93.0,
+               "probe_top1_random_init": 92.0, "probe_top1_pixels": 96.0},
+              [(10, 5.0), (30, 4.0)])
     write_run(root / "2_eval",
               "name: ${hydra:runtime.choices.model}\nmodel:\n  _target_: pic.models.pic.PIC\n"
               "task:\n  _target_: pic.tasks.linear.LinearEval\n  pretrain_first: false\n",
@@ -72,6 +74,12 @@ def test_one_row_per_run_with_the_papers_numbers(sweep: Path,
     simclr = rows["1_simclr"]  # an unresolvable default name falls back to the method
     assert (simclr["name"], simclr["method"], simclr["linear_top1"], simclr["paper_top1"]) == (
         "SimCLR", "SimCLR", "", "")
+    # Every result beside its baselines: random init and raw pixels, kNN and probe.
+    assert [float(simclr[k]) for k in ("knn_top1", "knn_top1_random_init", "knn_top1_pixels",
+                                       "probe_top1", "probe_top1_random_init",
+                                       "probe_top1_pixels")] == [90.0, 85.0, 97.5, 93.0, 92.0,
+                                                                 96.0]
+    assert pic["knn_top1_pixels"] == "" and pic["probe_top1"] == ""  # not measured: empty
     evaluation = rows["2_eval"]  # a linear evaluation alone: no pretraining length or method
     assert (evaluation["name"], evaluation["method"], evaluation["epochs"]) == ("2_eval", "", "")
     assert float(evaluation["linear_best_top1"]) == 31.0

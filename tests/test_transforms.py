@@ -231,3 +231,21 @@ def test_colour_jitter_draws_and_applies_as_torchvision(factors) -> None:
         torch.manual_seed(seed)
         b = theirs(as_tensor(image)).int()
         assert (a - b).abs().max() <= 1  # tensors: the native hue shift's rounding
+
+
+def _has_blur(transform) -> bool:
+    return "GaussianBlur" in repr(transform)
+
+
+@pytest.mark.parametrize("build", [T.simclr, T.mocov2])
+def test_blur_probability_zero_leaves_blur_out(build):
+    assert _has_blur(build(32, MEAN, STD)) and not _has_blur(build(32, MEAN, STD, blur=0.0))
+    assert len(build(32, MEAN, STD, num_views=2, blur=0.0)(random_image())) == 2
+    with pytest.raises(ValueError, match="augmentation.blur"):
+        build(32, MEAN, STD, blur=1.5)
+
+
+def test_multicrop_blur_option():
+    groups = [T.CropGroup(32, 1, [0.14, 1.0]), T.CropGroup(16, 2, [0.08, 0.14])]
+    assert not any(_has_blur(p) for p in T.MultiCrop(MEAN, STD, groups, blur=0.0).pipelines)
+    assert all(_has_blur(p) for p in T.MultiCrop(MEAN, STD, groups).pipelines)

@@ -189,6 +189,7 @@ def _root_schema() -> type:
     fields += [
         ("seed", int, dataclasses.field(default=0)),
         ("auto_resume", bool, dataclasses.field(default=True)),
+        ("allow_dataset_change", bool, dataclasses.field(default=False)),
         ("pretrained", typing.Optional[str], dataclasses.field(default=None)),  # noqa: UP045
         ("name", str, dataclasses.field(default="run")),
         ("output_dir", typing.Optional[str], dataclasses.field(default=None)),  # noqa: UP045

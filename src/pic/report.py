@@ -5,9 +5,9 @@
 
 Writes ``DIR/report.md``, ``DIR/report.csv`` and three PNGs: ``report_loss.png`` (training loss
 per run against epochs), ``report_eval.png`` (kNN top-1 from random init, through the kNN
-monitor's ``knn_history`` when results have one, to the end of pretraining; linear top-1 per
-linear epoch) and ``report_linear.png`` (linear top-1 per run, the paper's value beside it for
-the rows of its table). A run is a directory with a
+monitor's ``knn_history`` when results have one, to the end of pretraining, with the raw pixels'
+level dashed; linear top-1 per linear epoch) and ``report_linear.png`` (linear top-1 per run, the
+paper's value beside it for the rows of its table). A run is a directory with a
 ``results.json``; the ``linear/`` directory of a pretrain → linear run belongs to its parent.
 Loss curves come from each run's ``current.pth`` (memory-mapped: only the history is read).
 """
@@ -33,8 +33,11 @@ PAPER: dict[str, tuple[float, float]] = {
     "mocov2_200ep": (67.9, 88.1), "pic_400ep": (70.3, 89.8), "pic_1600ep": (70.8, 90.0),
 }
 # epochs and hours: pretraining (empty for a linear evaluation of an earlier run).
-COLUMNS = ["run", "name", "method", "epochs", "hours", "knn_top1", "knn_top1_random_init",
-           "linear_top1", "linear_top5", "linear_best_top1", "paper_top1", "paper_top5"]
+# Each result beside its baselines: the same network at random init, and the raw pixels.
+RESULTS = ["knn_top1", "knn_top1_random_init", "knn_top1_pixels", "probe_top1",
+           "probe_top1_random_init", "probe_top1_pixels", "linear_top1", "linear_top5",
+           "linear_best_top1"]
+COLUMNS = ["run", "name", "method", "epochs", "hours", *RESULTS, "paper_top1", "paper_top5"]
 
 
 @dataclass
@@ -114,7 +117,7 @@ def table(runs: list[Run], root: Path) -> list[dict[str, Any]]:
         rows.append({"run": run.path.relative_to(root).as_posix() or ".", "name": run.name,
                      "method": run.method, "epochs": r["epochs"] if pretrained else "",
                      "hours": hours,
-                     **{k: r.get(k, "") for k in COLUMNS[5:10]},
+                     **{k: r.get(k, "") for k in RESULTS},
                      "paper_top1": paper[0], "paper_top5": paper[1]})
     return rows
 
@@ -150,7 +153,10 @@ def plot(runs: list[Run], prefix: Path) -> list[Path]:
     for run in runs:
         r = run.results
         if "knn_top1" in r:
-            ax_knn.plot(*zip(*knn_curve(r), strict=True), marker="o", label=run.name)
+            line, = ax_knn.plot(*zip(*knn_curve(r), strict=True), marker="o", label=run.name)
+            if "knn_top1_pixels" in r:  # the raw pixels' kNN: the level features must beat
+                ax_knn.axhline(r["knn_top1_pixels"], color=line.get_color(), linestyle="--",
+                               label=f"{run.name}: raw pixels")
         history = r.get("linear_history", [])
         if history:
             ax_lin.plot([h["epoch"] for h in history], [h["top1"] for h in history], marker=".",

@@ -13,7 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import dist
+from .config import check_config
 from .engine import signals
+from .engine.rundir import use_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ def run(cfg: DictConfig) -> Any:
     # Resolve now (${hydra:...}, ${now:...}, cross-references) so that the config means the same
     # in every process and job it is sent to.
     OmegaConf.resolve(cfg)
+    check_config(cfg)  # values in their declared ranges, before anything starts
     return instantiate(cfg.cluster).launch(cfg, run_task)
 
 
@@ -42,12 +45,13 @@ def run_task(cfg: DictConfig, handle_signals: bool | None = None) -> Any:
         handle_signals = os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
     out_dir = Path(cfg.output_dir or Path.cwd())
     out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        OmegaConf.save(cfg, out_dir / "config.yaml")
-    with signals.stop_on_signals() if handle_signals else contextlib.nullcontext():
-        result = instantiate(cfg.task).run(cfg, out_dir)
-        # Under SLURM the job's launcher reads the signal itself (checkpoint, then requeue).
-        code = signals.exit_code() if handle_signals else None
+    with use_run_dir(out_dir):  # one run per directory: a second one stops here
+        if dist.is_main():
+            OmegaConf.save(cfg, out_dir / "config.yaml")
+        with signals.stop_on_signals() if handle_signals else contextlib.nullcontext():
+            result = instantiate(cfg.task).run(cfg, out_dir)
+            # Under SLURM the job's launcher reads the signal itself (checkpoint, then requeue).
+            code = signals.exit_code() if handle_signals else None
     if code is not None:
         log.warning("stopped by a signal; %s/current.pth holds the last step: rerun the same "
                     "command to resume (exit code %d)", out_dir, code)

@@ -30,6 +30,12 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng(list(keys))
 
 
+def list_order(seed: int, size: int, cycle: int = 0) -> np.ndarray:
+    """The sliding window's shuffled list on pass ``cycle`` (every pass without reshuffle):
+    pool positions, shape (size,). PIC's sampled classifier stores its rows in this order."""
+    return _rng(seed, _LIST_STREAM, cycle).permutation(size)
+
+
 class _ShardedSampler(Sampler[int]):
     """Shared validation, sharding and resume logic; subclasses define `_epoch_order`."""
 
@@ -160,7 +166,7 @@ class SlidingWindowSampler(_ShardedSampler):
 
     def _list(self, cycle: int, size: int) -> np.ndarray:
         """The shuffled list of pool positions used on its `cycle`-th pass, shape (size,)."""
-        return _rng(self.seed, _LIST_STREAM, cycle if self.reshuffle else 0).permutation(size)
+        return list_order(self.seed, size, cycle if self.reshuffle else 0)
 
     def window(self, t: int) -> np.ndarray:
         """Unshuffled content of window t in list order (this rank's pool), shape (window,)."""

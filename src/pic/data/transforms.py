@@ -116,13 +116,21 @@ class ColorJitter:
             *self.factors)
 
 
-def simclr_colour(strength: float = 0.8, hue: float = 0.2) -> list[v2.Transform]:
-    """SimCLR colour pipeline: jitter (p=0.8), grayscale (p=0.2), blur sigma 0.1-2 (p=0.5)."""
+def simclr_colour(strength: float = 0.8, hue: float = 0.2, blur: float = 0.5
+                  ) -> list[v2.Transform]:
+    """SimCLR colour pipeline: jitter (p=0.8), grayscale (p=0.2), blur sigma 0.1-2 (p=``blur``;
+    0 leaves it out, as SimCLR's CIFAR recipe and the peers' small-image configs do)."""
     return [
         v2.RandomApply([ColorJitter(strength, strength, strength, hue)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        *_blur(blur),
     ]
+
+
+def _blur(p: float) -> list[v2.Transform]:
+    if not 0 <= p <= 1:
+        raise ValueError(f"augmentation.blur={p}: a probability in [0, 1]")
+    return [v2.RandomApply([GaussianBlur((0.1, 2.0))], p=p)] if p else []
 
 
 def _check_views(num_views: int) -> None:
@@ -221,28 +229,30 @@ class MultiView:
         return f"MultiView(num_views={self.num_views}, crop={self.crop}, pipeline={self.pipeline})"
 
 
-def simclr(size: int, mean: list[float], std: list[float], num_views: int = 2) -> MultiView:
+def simclr(size: int, mean: list[float], std: list[float], num_views: int = 2,
+           blur: float = 0.5) -> MultiView:
     """SimCLR: RandomResizedCrop(size, 0.08-1), flip, colour jitter (0.8, 0.8, 0.8, 0.2) p=0.8,
-    grayscale p=0.2, Gaussian blur p=0.5."""
+    grayscale p=0.2, Gaussian blur p=``blur`` (0.5)."""
     pipeline = v2.Compose(
         [
             v2.RandomHorizontalFlip(),
-            *simclr_colour(),
+            *simclr_colour(blur=blur),
             *_to_normalised_tensor(mean, std),
         ]
     )
     return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.08, 1.0)))
 
 
-def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2) -> MultiView:
+def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2,
+           blur: float = 0.5) -> MultiView:
     """MoCo v2: RandomResizedCrop(size, 0.2-1), flip, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
-    grayscale p=0.2, Gaussian blur p=0.5."""
+    grayscale p=0.2, Gaussian blur p=``blur`` (0.5)."""
     pipeline = v2.Compose(
         [
             v2.RandomHorizontalFlip(),
             v2.RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+            *_blur(blur),
             *_to_normalised_tensor(mean, std),
         ]
     )
@@ -263,10 +273,25 @@ def instdisc(size: int, mean: list[float], std: list[float], num_views: int = 1)
     return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.2, 1.0)))
 
 
-def linear(size: int, mean: list[float], std: list[float], num_views: int = 1) -> MultiView:
-    """Linear-evaluation training: RandomResizedCrop(size, 0.08-1) + flip."""
+def linear_eval_resized_crop(size: int, mean: list[float], std: list[float],
+                             num_views: int = 1) -> MultiView:
+    """Linear-evaluation training, ImageNet protocol: RandomResizedCrop(size, 0.08-1) + flip."""
     pipeline = v2.Compose([v2.RandomHorizontalFlip(), *_to_normalised_tensor(mean, std)])
     return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.08, 1.0)))
+
+
+def linear_eval_padded_crop(size: int, mean: list[float], std: list[float],
+                            num_views: int = 1) -> MultiView:
+    """Linear-evaluation training, small-image (CIFAR) protocol: resize to ``size``, pad by
+    size/8 (4 px at 32) with zeros, random ``size`` crop, flip. A RandomResizedCrop down to 8%
+    of a 32-px image leaves a few pixels of a digit: the probe then learns from noise."""
+    pipeline = v2.Compose([
+        v2.Resize((size, size), antialias=True),
+        v2.RandomCrop(size, padding=max(1, size // 8)),
+        v2.RandomHorizontalFlip(),
+        *_to_normalised_tensor(mean, std),
+    ])
+    return MultiView(pipeline, num_views)
 
 
 def eval_transform(size: int, mean: list[float], std: list[float]) -> MultiView:
@@ -326,6 +351,7 @@ class MultiCrop:
         mean: list[float],
         std: list[float],
         groups: list[CropGroup] | None = None,
+        blur: float = 0.5,
     ) -> None:
         if groups is None:
             groups = [CropGroup(160, 1, [0.14, 1.0]), CropGroup(96, 3, [0.08, 0.14])]
@@ -340,7 +366,7 @@ class MultiCrop:
             v2.Compose(
                 [
                     v2.RandomHorizontalFlip(),
-                    *simclr_colour(),
+                    *simclr_colour(blur=blur),
                     *_to_normalised_tensor(mean, std),
                 ]
             )

@@ -147,6 +147,34 @@ def backbone_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_backbone(backbone: nn.Module, path: str | Path) -> nn.Module:
+    """Load the backbone weights of checkpoint ``path`` (any method) into ``backbone``."""
+    ckpt = load_checkpoint(path)
+    try:
+        backbone.load_state_dict(backbone_state(ckpt))
+    except (RuntimeError, ValueError) as err:
+        trained = ckpt.get("config", {}).get("backbone")
+        raise ValueError(f"pretrained={path}: its backbone does not match backbone="
+                         f"{type(backbone).__name__} of this run (the checkpoint was trained with "
+                         f"{trained}); select the same backbone option. {err}") from err
+    return backbone
+
+
+def load_encoder(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the ``encoder.*`` weights (backbone and projection head) of checkpoint ``path``
+    into a method built like the checkpoint's (``model``); its other parts stay as built."""
+    ckpt = load_checkpoint(path)
+    prefix = "encoder."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    try:
+        model.encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"pretrained={path}: its encoder (backbone + head) does not match "
+                         f"model={type(model).__name__} with this backbone; select the model and "
+                         f"backbone options it was trained with. {err}") from err
+    return model
+
+
 # ---------------------------------------------------------------------- the run's checkpoint
 class Checkpointer:
     """``current.pth`` of a run: model, optimizer, loss scaler, :class:`TrainState`, RNG streams

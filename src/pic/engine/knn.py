@@ -5,49 +5,27 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from .. import dist
 from ..bounds import Positive
 
 
-@torch.no_grad()
-def extract_features(backbone: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int,
-                     device: torch.device, num_workers: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised pooled features (N×D, float32, on CPU) and labels (N) of a whole dataset.
+def neighbours(train_features: torch.Tensor, query_features: torch.Tensor, k: int,
+               chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities and indices (Q×k each, most similar first) of each query's k nearest
+    training rows; features L2-normalised, train N×D, query Q×D."""
+    k = min(k, len(train_features))
+    pairs = [(q @ train_features.T).topk(k, dim=1) for q in query_features.split(chunk)]
+    return torch.cat([p.values for p in pairs]), torch.cat([p.indices for p in pairs])
 
-    Each rank encodes the indices ``rank::world``; the result is gathered and identical on every
-    rank. Items must carry one view (``crops[0]``).
-    """
-    rank, world = dist.get_rank(), dist.get_world_size()
-    n = len(dataset)  # type: ignore[arg-type]
-    mine = list(range(rank, n, world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine),
-                                         batch_size=batch_size, num_workers=num_workers)
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    for batch in loader:
-        x = batch["crops"][0].to(device, non_blocking=True)
-        feats.append(F.normalize(backbone(x).float(), dim=1).cpu())
-        labels.append(batch["label"])
-    backbone.train(was_training)
-    f, y = torch.cat(feats), torch.cat(labels)
-    if world == 1:
-        return f, y
-    # Ranks hold ceil or floor of n / world rows: pad to the same length, gather, interleave.
-    rows = -(-n // world)
-    pad_f = torch.zeros(rows, f.shape[1]).index_copy_(0, torch.arange(len(f)), f)
-    pad_y = torch.full((rows,), -1, dtype=y.dtype).index_copy_(0, torch.arange(len(y)), y)
-    gf = dist.all_gather(pad_f.to(device)).cpu().view(world, rows, -1)
-    gy = dist.all_gather(pad_y.to(device)).cpu().view(world, rows)
-    out_f, out_y = torch.empty(n, f.shape[1]), torch.empty(n, dtype=y.dtype)
-    for r in range(world):
-        count = len(range(r, n, world))
-        out_f[r::world], out_y[r::world] = gf[r, :count], gy[r, :count]
-    return out_f, out_y
+
+def vote(sim: torch.Tensor, idx: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+         k: int, temperature: float) -> torch.Tensor:
+    """Class scores (Q×C): over the first k neighbours (``neighbours``' output), the sum of
+    exp(cos/T) per class."""
+    weight = (sim[:, :k] / temperature).exp()
+    votes = torch.zeros(len(sim), num_classes, dtype=weight.dtype)
+    return votes.scatter_add_(1, train_labels[idx[:, :k]], weight)
 
 
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -57,35 +35,50 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
 
     Features must be L2-normalised: train N×D, query Q×D; labels N.
     """
-    k = min(k, len(train_features))
-    scores = []
-    for q in query_features.split(chunk):
-        sim, idx = (q @ train_features.T).topk(k, dim=1)
-        weight = (sim / temperature).exp()
-        votes = torch.zeros(len(q), num_classes, dtype=weight.dtype)
-        votes.scatter_add_(1, train_labels[idx], weight)
-        scores.append(votes)
-    return torch.cat(scores)
+    sim, idx = neighbours(train_features, query_features, k, chunk)
+    return vote(sim, idx, train_labels, num_classes, k, temperature)
 
 
 class KNN:
-    """kNN evaluation settings; ``every`` (epochs) enables a monitor during pretraining."""
+    """kNN settings: every ``k`` × ``temperature`` is scored (the first pair is the headline);
+    ``features`` (``backbone`` | ``head``) says which output of a method is evaluated; ``every``
+    (epochs) enables a monitor during pretraining."""
 
-    def __init__(self, k: Annotated[int, Positive] = 200,
-                 temperature: Annotated[float, Positive] = 0.07,
-                 every: Annotated[int | None, Positive] = None,
+    def __init__(self, k: Annotated[int | list[int], Positive] = (20, 200),
+                 temperature: Annotated[float | list[float], Positive] = (0.07, 0.1),
+                 features: str = "backbone", every: Annotated[int | None, Positive] = None,
                  batch_size: Annotated[int, Positive] = 256) -> None:
-        self.k, self.temperature, self.every, self.batch_size = k, temperature, every, batch_size
+        self.k = [k] if isinstance(k, int) else list(k)
+        self.temperature = ([temperature] if isinstance(temperature, int | float)
+                            else list(temperature))
+        if not self.k or not self.temperature:
+            raise ValueError(f"eval.k={k}, eval.temperature={temperature}: give at least one "
+                             f"value each")
+        if features not in ("backbone", "head"):
+            raise ValueError(f"eval.features={features!r}: choose backbone or head")
+        self.features, self.every, self.batch_size = features, every, batch_size
 
-    def evaluate(self, backbone: nn.Module, train_set: torch.utils.data.Dataset,
-                 val_set: torch.utils.data.Dataset, num_classes: int, device: torch.device,
-                 num_workers: int = 0) -> dict[str, float]:
-        """Top-1 and top-5 accuracy (percent) of ``val_set`` against ``train_set`` features."""
-        train_f, train_y = extract_features(backbone, train_set, self.batch_size, device,
-                                            num_workers)
-        val_f, val_y = extract_features(backbone, val_set, self.batch_size, device, num_workers)
-        scores = knn_predict(train_f, train_y, val_f, num_classes, self.k, self.temperature)
-        top = scores.topk(min(5, num_classes), dim=1).indices
-        top1 = (top[:, 0] == val_y).float().mean().item() * 100
-        top5 = (top == val_y[:, None]).any(dim=1).float().mean().item() * 100
-        return {"top1": top1, "top5": top5}
+    def score(self, train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor,
+              val_y: torch.Tensor, num_classes: int) -> dict[str, dict[str, float]]:
+        """Top-1/top-5 (percent) of the val rows (M×D) against the train rows (N×D), for every
+        ``k`` × ``temperature``, keyed ``k{k}_t{T}``; features are L2-normalised here."""
+        train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
+        # The neighbours of the largest k serve every smaller k (topk is sorted).
+        sim, idx = neighbours(train_f, val_f, max(self.k))
+        out = {}
+        for k in self.k:
+            for t in self.temperature:
+                scores = vote(sim, idx, train_y, num_classes, k, t)
+                top = scores.topk(min(5, num_classes), dim=1).indices
+                out[knn_key(k, t)] = {
+                    "top1": (top[:, 0] == val_y).float().mean().item() * 100,
+                    "top5": (top == val_y[:, None]).any(dim=1).float().mean().item() * 100}
+        return out
+
+    @property
+    def headline(self) -> str:
+        return knn_key(self.k[0], self.temperature[0])
+
+
+def knn_key(k: int, temperature: float) -> str:
+    return f"k{k}_t{temperature:g}"

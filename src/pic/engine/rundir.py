@@ -11,6 +11,7 @@ the owner's pid, host and start time, read back to tell a second run who is ther
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -20,6 +21,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
+from .. import dist
+from ..dist.init import local_device
+from .checkpoint import PARTIAL
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -27,6 +34,26 @@ LOCK_NAME = "run.lock"
 
 class RunDirLocked(RuntimeError):
     """Another live process holds the run directory."""
+
+
+@contextlib.contextmanager
+def use_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """The run's hold on ``run_dir`` for the ``with`` block: rank 0 (one lock per run, however
+    many processes) takes the lock and removes orphaned temporaries; every rank learns whether
+    it got it, so that all of them stop at once when another run is there."""
+    with contextlib.ExitStack() as stack:
+        refused: RunDirLocked | None = None
+        if dist.is_main():
+            try:
+                stack.enter_context(lock_run_dir(run_dir))
+            except RunDirLocked as err:
+                refused = err
+            else:
+                remove_orphans(run_dir)
+        flag = torch.tensor(float(refused is not None), device=local_device())
+        if dist.all_reduce_sum(flag) > 0:
+            raise refused or RunDirLocked(f"{run_dir} is in use by another run (see rank 0)")
+        yield
 
 
 @contextlib.contextmanager
@@ -39,7 +66,13 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                # A file system without locks (an NFS mount without lockd): run, but say so.
+                log.warning("cannot lock %s (%s): a second run in this directory would not be "
+                            "stopped", path, err)
+                yield path
+                return
             raise RunDirLocked(f"{path.parent} is in use by another run ({_holder(fd)}); wait for "
                                "it to end or choose another hydra.run.dir") from None
         owner = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -60,13 +93,11 @@ def _holder(fd: int) -> str:
         return "its owner has not written its name yet"
 
 
-def remove_orphans(run_dir: str | Path, name: str) -> list[Path]:
-    """Delete temporaries ``.<name>.*`` that an atomic write killed mid-way left in ``run_dir``.
-
-    Safe only under the run directory's lock: no live writer of this run can own them.
-    """
+def remove_orphans(run_dir: str | Path) -> list[Path]:
+    """Delete the temporaries (``.<name>.<random>.partial``) that atomic writes killed mid-way
+    left in ``run_dir``. Safe only under the run directory's lock: no live writer owns them."""
     removed = []
-    for tmp in Path(run_dir).glob(f".{name}.*"):
+    for tmp in Path(run_dir).glob(f".*{PARTIAL}"):
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             removed.append(tmp)

@@ -251,7 +251,9 @@ class Trainer:
             log.info("resumed from %s at step %d", ckpt.path, state.step)
         net = self._wrap(model)
         if dist.is_main():
-            logger.start(Path(out_dir), ckpt.config, run_id=state.run_id)
+            # The logger's run config: the composed config and what the run was made from.
+            logger.start(Path(out_dir), {**ckpt.config, "provenance": ckpt.provenance},
+                         run_id=state.run_id)
             state.run_id = logger.run_id
         if ckpt.saved_step is None:
             # A checkpoint before the first step: a job preempted early keeps its W&B run id.
@@ -287,8 +289,8 @@ class Trainer:
             epoch_done = plan.epoch_done(state.position)
             if state.step % self.log_every == 0 or state.step == last_step or epoch_done:
                 epoch = state.step / plan.steps_per_pass
-                self._log(window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}, state, last_step,
-                          logger, bar)
+                out = window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}
+                self._log(out, state, last_step, logger, bar)
                 self._check_health(state, lr, ckpt)
             if bar is not None:
                 bar.update(1)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from ..networks.batchnorm import convert_batchnorm
 from ..networks.heads import MultiCropEncoder, projection_head
 
 
@@ -58,12 +61,35 @@ class Method(Trainable):
     dict of scalar metric tensors (not yet synchronised; the trainer reduces them when it logs).
     State the method keeps between steps (bank, queue, key encoder) lives in buffers or
     submodules, so it is part of ``state_dict`` and of every checkpoint.
+
+    The step's update: what ``forward`` computes for changing that state (InstDisc's gathered
+    bank rows and features, MoCo's gathered keys) must wait until the optimizer step is known
+    to be applied, since a skipped step changes nothing. ``forward`` hands it over with
+    :meth:`defer_update`; ``after_step`` takes it with :meth:`deferred_update`. A skipped step's
+    update is never taken: the next ``forward`` replaces it. (PIC's sampled classifier keeps
+    the rows of its step the same way, inside the classifier.)
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int = 128, mlp_head: bool = True) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int = 128, mlp_head: bool = True,
+                 bn_per_crop: bool = False, head_batch_norm: bool = False) -> None:
+        """``bn_per_crop``: BN statistics per crop of B images rather than per resolution group
+        (:class:`~pic.networks.heads.MultiCropEncoder`); ``head_batch_norm``: BN in the head
+        (:func:`~pic.networks.heads.projection_head`)."""
         super().__init__()
-        self.encoder = MultiCropEncoder(backbone, projection_head(backbone.out_dim, feature_dim,
-                                                                  mlp_head))
+        head = projection_head(backbone.out_dim, feature_dim, mlp_head, head_batch_norm)
+        self.encoder = MultiCropEncoder(backbone, head, bn_per_crop)
+        if bn_per_crop:
+            convert_batchnorm(self.encoder, sync=False)
+        self._update: Any = None
+
+    def defer_update(self, update: Any) -> None:
+        """Called by ``forward``: what ``after_step`` applies if this step is taken."""
+        self._update = update
+
+    def deferred_update(self) -> Any:
+        """Called by ``after_step``: the last ``forward``'s update (None if none), taken once."""
+        update, self._update = self._update, None
+        return update
 
     @property
     def backbone(self) -> nn.Module:

@@ -24,8 +24,9 @@ LOSSES = ("softmax", "nce")
 class InstDisc(Method):
     def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = False, temperature: float = 0.07, num_negatives: int = 4096,
-                 momentum: float = 0.5, loss: str = "softmax") -> None:
-        super().__init__(backbone, feature_dim, mlp_head)
+                 momentum: float = 0.5, loss: str = "softmax",
+                 bn_per_crop: bool = False) -> None:
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop)
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}: expected one of {list(LOSSES)}")
         if num_instances < 2:
@@ -38,7 +39,6 @@ class InstDisc(Method):
         self.register_buffer("bank", F.normalize(torch.randn(num_instances, feature_dim), dim=1))
         # NCE's normalisation constant Z: estimated on the first step, then kept (0 = not yet).
         self.register_buffer("z", torch.zeros(()))
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sample_negatives(self, index: torch.Tensor) -> torch.Tensor:
         """B×K bank rows drawn uniformly (with replacement) among the N−1 other images."""
@@ -63,8 +63,8 @@ class InstDisc(Method):
                 self._estimate_z(query, negatives)
             loss = nce_loss(query, positive, negatives, self.temperature,
                             self.bank.shape[0], float(self.z))
-        # Gathered now, applied in after_step: a skipped step must leave the bank untouched.
-        self._pending = (dist.all_gather(index), dist.all_gather(features[0].detach()))
+        # Gathered now (every rank's rows, so banks stay identical), applied in after_step.
+        self.defer_update((dist.all_gather(index), dist.all_gather(features[0].detach())))
         positive_sim = (features[0].detach() * self.bank[index]).sum(1).mean()
         return loss, {"loss": loss.detach(), "positive_sim": positive_sim}
 
@@ -82,9 +82,9 @@ class InstDisc(Method):
     @torch.no_grad()
     def after_step(self) -> None:
         """Move the batch's bank rows towards their new features (every rank's batch)."""
-        if self._pending is None:
+        update = self.deferred_update()
+        if update is None:
             return
-        index, features = self._pending
-        self._pending = None
+        index, features = update
         rows = self.bank[index] * self.momentum + features.to(self.bank.dtype) * (1 - self.momentum)
         self.bank.index_copy_(0, index, F.normalize(rows, dim=1))

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class MoCo(Method):
     def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = False, temperature: float = 0.07, queue_size: int = 65536,
-                 momentum: float = 0.999) -> None:
-        super().__init__(backbone, feature_dim, mlp_head)
+                 momentum: float = 0.999,
+                 bn_per_crop: bool = False) -> None:
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop)
         if queue_size < 1:
             raise ValueError(f"model.queue_size={queue_size}: must be >= 1")
         if queue_size >= num_instances:
@@ -40,7 +41,6 @@ class MoCo(Method):
         self.key_encoder.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, feature_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self._pending: torch.Tensor | None = None
 
     def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of a random permutation of the global batch.
@@ -81,7 +81,7 @@ class MoCo(Method):
         key = self.keys(crops[1])
         # The queue changes only in after_step, after backward has used it.
         loss = info_nce(query, key, self.queue, self.temperature)
-        self._pending = dist.all_gather(key)  # enqueued in after_step, once the step is taken
+        self.defer_update(dist.all_gather(key))  # enqueued in after_step, once the step is taken
         positive_sim = (query.detach() * key).sum(1).mean()
         return loss, {"loss": loss.detach(), "positive_sim": positive_sim}
 
@@ -89,8 +89,8 @@ class MoCo(Method):
     def after_step(self) -> None:
         """Enqueue the step's keys, then move the key encoder towards the updated query
         encoder, so the next keys come from θ_k updated before they are computed."""
-        if self._pending is not None:
-            keys, self._pending = self._pending, None
+        keys = self.deferred_update()
+        if keys is not None:
             ptr = int(self.queue_ptr)
             self.queue[ptr:ptr + keys.shape[0]] = keys.to(self.queue.dtype)
             self.queue_ptr.fill_((ptr + keys.shape[0]) % self.queue.shape[0])

@@ -19,42 +19,31 @@ from ..losses import instance_classification_loss
 from ..networks.classifier import InstanceClassifier, SampledInstanceClassifier
 from .base import Method
 
-SGD_TARGET = "pic.engine.optim.sgd"
-
 
 class PIC(Method):
-    """PIC. ``classifier_momentum`` / ``classifier_weight_decay`` are the SGD m and λ the
-    sampled classifier applies to its own rows; conf/model/pic.yaml takes them, and
-    ``classifier_optimizer`` / ``classifier_nesterov`` (the optimizer's ``_target_`` and
-    Nesterov flag, checked: the sampled classifier implements plain momentum SGD only), from
-    the optimizer config. ``storage_dir`` is where ``classifier_storage=mmap`` keeps its files
-    (the run directory)."""
+    """PIC. The sampled classifier applies the run optimizer's SGD (m, λ, each step's lr) to
+    its own rows, read from the optimizer :meth:`attach` gives it. ``storage_dir`` is where
+    ``classifier_storage=mmap`` keeps its files (the run directory); ``classifier_order_seed``
+    (the sliding-window sampler's seed) stores the rows in the sampler's order,
+    ``classifier_dtype`` their precision."""
 
     def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = True, temperature: float = 0.2,
                  classifier_init_norm: float | None = None, num_negatives: int | None = None,
                  negative_sampling: str = "recent", weight_correction: bool = True,
-                 classifier_storage: str = "device", classifier_momentum: float = 0.9,
-                 classifier_weight_decay: float = 1e-4, storage_dir: str | None = None,
-                 classifier_optimizer: str = SGD_TARGET, classifier_nesterov: bool = False
-                 ) -> None:
-        super().__init__(backbone, feature_dim, mlp_head)
+                 classifier_storage: str = "device", storage_dir: str | None = None,
+                 classifier_order_seed: int | None = None, classifier_dtype: str = "float32",
+                 bn_per_crop: bool = False) -> None:
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop)
         self.temperature = temperature
         self.classifier: InstanceClassifier | SampledInstanceClassifier
         if num_negatives is None and classifier_storage == "device":
             self.classifier = InstanceClassifier(num_instances, feature_dim, classifier_init_norm)
         else:
-            if classifier_optimizer != SGD_TARGET or classifier_nesterov:
-                raise ValueError(
-                    "model.num_negatives / model.classifier_storage=host|mmap: the sampled "
-                    "classifier updates its rows with plain momentum SGD itself, so the rest "
-                    f"of the model must use it too; got optimizer {classifier_optimizer}"
-                    f"{' with nesterov' if classifier_nesterov else ''} (use optimizer=sgd "
-                    "optimizer.nesterov=false)")
             self.classifier = SampledInstanceClassifier(
                 num_instances, feature_dim, classifier_init_norm, num_negatives,
-                negative_sampling, weight_correction, classifier_momentum,
-                classifier_weight_decay, classifier_storage, storage_dir)
+                negative_sampling, weight_correction, classifier_storage, storage_dir,
+                classifier_order_seed, classifier_dtype)
 
     def forward(self, crops: list[torch.Tensor], index: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -73,10 +62,10 @@ class PIC(Method):
         return loss, {"loss": loss.detach()}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizer = optimizer
+        self.classifier.attach(optimizer)
 
     def after_step(self) -> None:
-        self.classifier.after_step(self._optimizer.param_groups[0]["lr"])
+        self.classifier.after_step()
 
     def sync_state(self) -> None:
         """Called by the trainer before every checkpoint: the classifier state made current."""

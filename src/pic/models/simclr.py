@@ -14,20 +14,23 @@ from torch.nn import functional as F
 
 from .. import dist
 from ..losses import nt_xent
-from ..networks.syncbn import convert_sync_batchnorm
+from ..networks.batchnorm import convert_batchnorm
 from .base import Method
 
 
 class SimCLR(Method):
     def __init__(self, backbone: nn.Module, num_instances: int | None = None,
                  feature_dim: int = 128, mlp_head: bool = True, temperature: float = 0.1,
-                 sync_bn: bool = True) -> None:
+                 sync_bn: bool = True, bn_per_crop: bool = False,
+                 head_batch_norm: bool = False) -> None:
         """``num_instances`` is accepted because the pretrain task passes it to every method;
-        SimCLR keeps no per-instance state."""
-        super().__init__(backbone, feature_dim, mlp_head)
+        SimCLR keeps no per-instance state. ``head_batch_norm``: Google's head (BN in every
+        layer, no bias in the last); ``bn_per_crop``: each view's own BN statistics (the PIC
+        authors' code) rather than both views' together (Google's)."""
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop, head_batch_norm)
         self.temperature = temperature
         if sync_bn and dist.is_dist():
-            convert_sync_batchnorm(self.encoder)
+            convert_batchnorm(self.encoder, sync=True)
 
     def forward(self, crops: list[torch.Tensor], index: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

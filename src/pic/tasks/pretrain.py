@@ -1,9 +1,11 @@
-"""``task=pretrain``: self-supervised training of any method, then kNN evaluation."""
+"""``task=pretrain``: self-supervised training of any method, then its evaluation beside two
+baselines: the same network at random initialisation, and the raw pixels."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,109 +17,161 @@ from omegaconf import DictConfig
 from .. import dist
 from ..config import config_dict
 from ..engine.checkpoint import atomic_write_text, seed_everything
-from ..engine.knn import extract_features
+from ..engine.features import BASELINES, encoder_of, eval_results, evaluate, headline, pixels
+from ..engine.online_probe import OnlineProbe
+from ..engine.optim import scaled_lr
+from ..engine.probe import FeatureProbe
+from ..logging.history import MetricHistory
+from ..provenance import provenance
 from .common import eval_splits, make_logger, train_sampler, write_results
 
 log = logging.getLogger(__name__)
+# The t-SNE map's cost grows faster than its points; a fixed subset draws the same picture.
+TSNE_POINTS = 1000
 
 
 class Pretrain:
-    """Pretrain ``cfg.model`` on ``cfg.data``; compare kNN accuracy with the random init.
+    """Pretrain ``cfg.model`` on ``cfg.data``, then score it with kNN (``cfg.eval``) and the
+    ``probe`` on cached features (None: no probe).
 
-    ``plot`` writes ``summary.png`` (loss curve + t-SNE of held-out features).
+    ``knn_random_init`` scores the same network at its random initialisation and ``pixels`` the
+    flattened images, the same way (kNN and probe): computed once, before the first step, and
+    kept beside the checkpoint for resumes. ``plot`` writes ``summary.png`` (loss curve + t-SNE
+    of held-out features, the three results in its title). ``online_probe``: train a linear
+    classifier on the detached backbone features of the training batches (SGD,
+    ``online_probe_lr`` per 256 images, momentum 0.9) and report its validation top-1 beside
+    every kNN evaluation (:mod:`pic.engine.online_probe`).
     """
 
-    def __init__(self, knn_random_init: bool = True, plot: bool = True) -> None:
-        self.knn_random_init = knn_random_init
-        self.plot = plot
+    def __init__(self, knn_random_init: bool = True, pixels: bool = True,
+                 probe: FeatureProbe | None = None, plot: bool = True,
+                 online_probe: bool = False, online_probe_lr: float = 0.1) -> None:
+        self.knn_random_init, self.pixels = knn_random_init, pixels
+        self.probe, self.plot = probe, plot
+        self.online_probe, self.online_probe_lr = online_probe, online_probe_lr
 
     def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         seed_everything(cfg.seed)
         trainer = instantiate(cfg.trainer)
-        rank, world = dist.get_rank(), dist.get_world_size()
         data = instantiate(cfg.data)
-        train_set = data.build("train", instantiate(cfg.augmentation), rank, world)
+        train_set = data.build("train", instantiate(cfg.augmentation), dist.get_rank(),
+                               dist.get_world_size())
         model = instantiate(cfg.model, backbone=instantiate(cfg.backbone),
                             num_instances=len(train_set)).to(trainer.device)
         sampler = train_sampler(partial(instantiate, cfg.sampler), train_set, cfg.seed)
         optimizer = instantiate(cfg.optimizer, model=model, batch_size=trainer.batch_size)
         knn = instantiate(cfg.eval)
         bank_set, val_set = eval_splits(data)
+        scored = partial(evaluate, bank_set=bank_set, val_set=val_set, knn=knn,
+                         num_classes=data.num_classes, device=trainer.device,
+                         num_workers=trainer.num_workers)
+        encoder = encoder_of(model, knn.features)
+        clock = time.perf_counter()
+        baselines = self._baselines(out_dir, lambda e: scored(e, probe=self.probe)[0], encoder)
+        timing = {"baselines_time_s": time.perf_counter() - clock}
+        online = self._online_probe(model, train_set, data.num_classes, trainer)
 
-        def knn_eval() -> dict[str, float]:
-            return knn.evaluate(model.backbone, bank_set, val_set, data.num_classes,
-                                trainer.device, trainer.num_workers)
-
-        # The same network at its random initialisation: the baseline a method must beat.
-        # Computed once, before the first step, and kept beside the checkpoint for resumes.
-        random_path = out_dir / "knn_random_init.json"
-        if self.knn_random_init and not random_path.is_file():
-            baseline = knn_eval()
-            if dist.is_main():
-                random_path.write_text(json.dumps(baseline))
-            dist.barrier()
+        def online_scores() -> dict[str, float]:
+            if online is None:
+                return {}
+            probed = online.evaluate(model.backbone, val_set, knn.batch_size, trainer.device,
+                                     trainer.num_workers)
+            return {f"online_probe_{k}": v for k, v in probed.items()}
 
         # The kNN monitor's curve survives resumes beside the checkpoint (the report plots it).
-        history_path = out_dir / "knn_history.json"
-        knn_history = (json.loads(history_path.read_text())
-                       if cfg.auto_resume and history_path.is_file() else [])
+        monitor = MetricHistory(out_dir / "knn_history.json", cfg.auto_resume)
 
         def epoch_end(passes: float) -> dict[str, float]:
             if not (knn.every and int(passes) % knn.every == 0 and passes - int(passes) < 1e-9):
                 return {}
-            scores = knn_eval()
-            knn_history[:] = [h for h in knn_history if h["epoch"] != passes]
-            knn_history.append({"epoch": passes, **scores})
-            if dist.is_main():
-                atomic_write_text(json.dumps(knn_history), history_path)
-            return {f"knn_{k}": v for k, v in scores.items()}
+            scores = {**scored(encoder, probe=None)[0]["knn"][knn.headline], **online_scores()}
+            monitor.record(passes, scores)
+            return {k if k.startswith("online") else f"knn_{k}": v for k, v in scores.items()}
 
         logger = make_logger(cfg)
+        origin = provenance(train_set)
         summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
                               out_dir, logger, cfg.seed, resume=cfg.auto_resume,
-                              epoch_end=epoch_end, config=config_dict(cfg))
+                              epoch_end=epoch_end, config=config_dict(cfg), provenance=origin,
+                              allow_dataset_change=cfg.allow_dataset_change)
         if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
             return summary
-        results: dict[str, Any] = {k: v for k, v in summary.items() if k != "loss_history"}
-        final = knn_eval()
-        results.update(knn_top1=final["top1"], knn_top5=final["top5"], method=cfg.model._target_,
-                       num_instances=len(train_set), world_size=world,
-                       knn_history=sorted(knn_history, key=lambda h: h["epoch"]))
-        if random_path.is_file():
-            baseline = json.loads(random_path.read_text())
-            results.update(knn_top1_random_init=baseline["top1"],
-                           knn_top5_random_init=baseline["top5"])
-        logger.summary({k: v for k, v in results.items() if not isinstance(v, list)})
+        clock = time.perf_counter()
+        final, val_f, val_y = scored(encoder, probe=self.probe)
+        timing["eval_time_s"] = time.perf_counter() - clock
+        results = {k: v for k, v in summary.items() if k != "loss_history"}
+        results.update(**timing, method=cfg.model._target_, num_instances=len(train_set),
+                       world_size=dist.get_world_size(), **origin, **online_scores(),
+                       knn_history=monitor.rows(),
+                       **eval_results(knn, {"trained": final, **baselines}))
+        logger.summary({k: v for k, v in results.items() if not isinstance(v, list | dict)})
         logger.finish()
-        if self.plot:
-            from ..logging.plots import plot_run
-
-            # t-SNE is quadratic-ish: a fixed random subset of at most 5,000 held-out images.
-            # The extraction all-gathers, so every rank takes part (only rank 0 keeps a loss
-            # history); rank 0 draws.
-            subset = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(0))
-            subset = torch.utils.data.Subset(val_set, subset[:5000].sort().values.tolist())
-            feats, labels = extract_features(model.backbone, subset, knn.batch_size,
-                                             trainer.device)
-        if self.plot and summary["loss_history"] and dist.is_main():
-            steps, losses = zip(*summary["loss_history"], strict=True)
-            plot_run(out_dir / "summary.png", list(steps), list(losses), feats.numpy(),
-                     labels.numpy(), f"{cfg.name}: kNN top-1 {final['top1']:.1f}% "
-                     f"(random init {results.get('knn_top1_random_init', float('nan')):.1f}%)")
+        if self.plot and dist.is_main():
+            clock = time.perf_counter()
+            _plot(out_dir / "summary.png", summary["loss_history"], val_f, val_y,
+                  f"{cfg.name}: {headline(results)}")
+            results["plot_time_s"] = time.perf_counter() - clock
         write_results(out_dir, results)
         if dist.is_main():
             _print_summary(cfg, out_dir, results)
         return results
 
+    def _online_probe(self, model: torch.nn.Module, train_set: Any, num_classes: int,
+                      trainer: Any) -> OnlineProbe | None:
+        """The online probe attached to ``model`` (None when ``online_probe`` is off)."""
+        if not self.online_probe:
+            return None
+        labels = torch.tensor([train_set.label(i) for i in range(len(train_set))])
+        probe = OnlineProbe(model.backbone.out_dim, num_classes, labels,
+                            scaled_lr(self.online_probe_lr, trainer.batch_size))
+        return probe.to(trainer.device).attach(model)
+
+    def _baselines(self, out_dir: Path, score: Any, encoder: torch.nn.Module
+                   ) -> dict[str, dict[str, Any]]:
+        """``{"random_init": scores, "pixels": scores}`` (those asked for), from
+        ``baselines.json`` when a start of this run wrote it."""
+        path = out_dir / "baselines.json"
+        wanted = [name for name, on in zip(BASELINES, (self.knn_random_init, self.pixels),
+                                           strict=True) if on]
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        for name in wanted:
+            if name not in done:
+                done[name] = score(encoder if name == "random_init" else pixels())
+        if dist.is_main():
+            atomic_write_text(json.dumps(done), path)
+        return {name: done[name] for name in wanted}
+
+
+def _plot(path: Path, loss_history: list[tuple[int, float]], val_f: torch.Tensor,
+          val_y: torch.Tensor, title: str) -> None:
+    from ..logging.plots import plot_run
+
+    keep = torch.randperm(len(val_y), generator=torch.Generator().manual_seed(0))
+    keep = keep[:TSNE_POINTS].sort().values
+    steps, losses = zip(*loss_history, strict=True) if loss_history else ((), ())
+    plot_run(path, list(steps), list(losses), val_f[keep].numpy(), val_y[keep].numpy(), title)
+
 
 def _print_summary(cfg: DictConfig, out_dir: Path, r: dict[str, Any]) -> None:
+    ev = r["eval"]
+    names = [n for n in ("trained", *BASELINES) if n in ev]
+
+    def row(get: Any) -> str:
+        return "".join(f"{get(ev[n]):>13.2f}" if get(ev[n]) is not None else f"{'–':>13}"
+                       for n in names)
+
     rows = [
         ("trained", f"{cfg.name}: {cfg.model._target_.rsplit('.', 1)[-1]} on "
                     f"{cfg.data._target_.rsplit('.', 1)[-1]} ({r['num_instances']} images)"),
-        ("length", f"{r['steps']} steps, {r['epochs']:.1f} epochs, {r['train_time_s']:.0f} s"),
-        ("kNN top-1", f"{r['knn_top1']:.2f}%  (same network at random init: "
-                      f"{r.get('knn_top1_random_init', float('nan')):.2f}%)"),
-        ("skipped", f"{r['bad_steps']} non-finite steps, {r['replaced_images']} bad images"),
-        ("artifacts", str(out_dir)),
+        ("length", f"{r['steps']} steps, {r['epochs']:.1f} epochs, {r['train_time_s']:.0f} s "
+                   f"(evaluation {r['baselines_time_s'] + r['eval_time_s']:.0f} s)"),
+        ("top-1 (%)", "".join(f"{n.replace('_', ' '):>13}" for n in names)
+         + f"   ({r['eval_features']} features)"),
+        *((f"kNN-{key[1:].replace('_t', ' T ')}", row(lambda e, key=key: e["knn"][key]["top1"]))
+          for key in ev["trained"]["knn"]),
     ]
-    print("\n".join(f"{k:>10}  {v}" for k, v in rows), flush=True)
+    if "probe" in ev["trained"]:
+        rows.append(("probe", row(lambda e: e.get("probe", {}).get("top1"))))
+    rows += [("skipped", f"{r['bad_steps']} non-finite steps, {r['replaced_images']} bad images"),
+             ("artifacts", str(out_dir))]
+    print("\n".join(f"{k:>14}  {v}" for k, v in rows), flush=True)

@@ -1,0 +1,281 @@
+"""Every method × several seeds at one image budget: mean ± std of kNN and probe top-1, beside
+the same network at random init and raw pixels.
+
+Each run is ``launch.py`` in a subprocess (fp32, ``logger=none``, no plot, its own
+``hydra.run.dir`` under ``--out``); the table is read from each run's ``results.json``. Runs
+that finished before with the same command are reused, so an interrupted bench continues.
+
+    python bench/ssl.py [--preset default|small|ci|real|claims] [--seeds 0 1 2] [--epochs E]
+                        [--batch-size B] [--method 'LABEL=OVERRIDES' ...] [--out DIR]
+                        [--jobs 1] [-- HYDRA_OVERRIDES for every run, e.g. data=folder ...]
+
+``--preset default``: PIC, SimCLR, MoCo v2, MoCo v1, InstDisc (``model=X``) on digits unless
+overridden. ``--preset claims``: the paper's claims at small scale on Fashion-MNIST (60,000
+images, see bench/make_real_data.py): PIC with the epoch sampler vs the sliding window, one crop
+vs multi-crop, and PIC vs SimCLR vs MoCo v2 vs InstDisc, all at the same image budget.
+``--method 'LABEL=OVERRIDES'`` replaces the preset's list (repeat it; overrides are separated
+by spaces). The image budget is ``--epochs`` passes over the training set for every method, at
+``--batch-size`` images per step (views per image are the method's own).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# Run as a script, this folder heads sys.path and this file would shadow the standard `ssl`
+# module for anything imported below that needs it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+ROOT = HERE.parent
+FASHION_GRAY = ["data=folder", "data.image_size=32",
+                "data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]"]
+FASHION_60K = (*FASHION_GRAY, "data.root=/work/data/fashion-mnist")
+FASHION_10K = (*FASHION_GRAY, "data.root=/work/data/fashion-mnist-10k")
+CI_EPOCHS, CI_BATCH = 4.0, 128
+# Every run: the reference precision, no logging service, no t-SNE plot, no progress bar.
+FIXED = ["logger=none", "trainer.precision=fp32", "task.plot=false", "trainer.progress=false"]
+
+FIVE = {"PIC": "model=pic", "SimCLR": "model=simclr", "MoCo v2": "model=mocov2",
+        "MoCo v1": "model=moco", "InstDisc": "model=instdisc"}
+# The small-image recipes (conf/experiment/small_*.yaml).
+SMALL = {label: f"experiment=small_{spec.removeprefix('model=')}" for label, spec in FIVE.items()}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Methods (label -> overrides) and the budget they share."""
+
+    methods: dict[str, str]
+    common: tuple[str, ...] = ()
+    epochs: float = 10.0
+    batch_size: int = 256
+
+
+PRESETS = {
+    "default": Preset(FIVE),
+    # tests/test_accuracy.py: each method's short digits run whose seed band sets its CI floor.
+    "ci": Preset(FIVE, epochs=CI_EPOCHS, batch_size=CI_BATCH),
+    # The sliding window scaled to N = 60k as the paper's to 1.28M (W ≈ N/10, S = W/8).
+    "claims": Preset({
+        "PIC, epoch sampler": "model=pic",
+        "PIC, sliding window": "model=pic sampler=sliding_window sampler.window_size=6144 "
+                               "sampler.stride=768",
+        "PIC, multi-crop 1×32+3×16": "model=pic augmentation=multicrop "
+                                     "augmentation.groups=[{size:32,count:1,scale:[0.14,1.0]},"
+                                     "{size:16,count:3,scale:[0.08,0.14]}]",
+        "SimCLR": "model=simclr",
+        "MoCo v2": "model=mocov2",
+        "InstDisc": "model=instdisc",
+    }, FASHION_60K, epochs=2.0),
+    # Issue 14's real-data goal: each small-image recipe, 10 epochs of 10k 32-px images.
+    "small": Preset(SMALL),
+    "real": Preset(SMALL, FASHION_10K, epochs=10.0),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    overrides: tuple[str, ...]
+    seed: int
+    run_dir: Path
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "launch.py"), *self.overrides, *FIXED,
+                f"seed={self.seed}", f"hydra.run.dir={self.run_dir}"]
+
+
+def execute(run: Run) -> dict:
+    """Run (or reuse) one launch.py run; returns its results.json plus the bench's wall time."""
+    record = run.run_dir / "bench.json"
+    command = run.command()
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if done["command"][1:] == command[1:]:
+            return done
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    with open(run.run_dir / "bench.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # wait4: this run's own CPU time (its loader workers included), whatever else runs.
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{run.label} seed {run.seed} failed (exit {code}): "
+                           f"see {run.run_dir / 'bench.log'}")
+    results = json.loads((run.run_dir / "results.json").read_text())
+    done = {"command": command, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "results": results, "eval_k": read_eval_k(run.run_dir)}
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(done, indent=1, default=float))
+    tmp.replace(record)
+    return done
+
+
+def read_eval_k(run_dir: Path) -> list[int]:
+    """The run's `eval.k` (an int or a list) from its composed config.yaml."""
+    import yaml
+
+    k = yaml.safe_load((run_dir / "config.yaml").read_text()).get("eval", {}).get("k")
+    return [int(x) for x in (k if isinstance(k, list) else [k])] if k is not None else []
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
+    """Nested results -> {'a.b': number}; lists (histories) are left out."""
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}".lower()
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def metric(flat: dict[str, float], eval_k: list[int], kind: str, baseline: str) -> float | None:
+    """One top-1 number from a run's flattened results, found by what its key says, so that
+    the bench reads any spelling (`knn_top1_k20`, `knn.20.top1`, `probe_top1_pixels`, ...).
+
+    kind: 'knn20', 'knn200' or 'probe'; baseline: 'trained', 'random_init' or 'pixels'. Among
+    several matches the shortest key wins (the one with the fewest qualifiers, e.g. the default
+    kNN temperature). A single-k result without k in its key (`knn_top1`) is read as `eval.k`.
+    """
+    def wanted(key: str) -> bool:
+        if "top1" not in key or "history" in key:
+            return False
+        if ("random" in key) != (baseline == "random_init"):
+            return False
+        return ("pixel" in key) == (baseline == "pixels")
+
+    keys = [k for k in flat if wanted(k)]
+    if kind == "probe":
+        keys = [k for k in keys if ("probe" in k or "linear" in k) and "knn" not in k]
+    else:
+        k = int(kind.removeprefix("knn"))
+        keys = [key for key in keys if "knn" in key]
+        numbered = [key for key in keys
+                    if re.search(rf"(?<![0-9.]){k}(?![0-9])", key.replace("top1", ""))]
+        bare = [key for key in keys if not re.search(r"[0-9]", key.replace("top1", ""))]
+        keys = numbered or (bare if eval_k == [k] else [])
+    return flat[min(keys, key=len)] if keys else None
+
+
+COLUMNS = [("knn20", "kNN-20"), ("knn200", "kNN-200"), ("probe", "probe")]
+
+
+def summarise(runs: list[dict]) -> dict[str, list[float]]:
+    """Per column and baseline, the values over a method's seeds (None where not reported)."""
+    out: dict[str, list[float]] = {}
+    for kind, _ in COLUMNS:
+        for baseline in ("trained", "random_init", "pixels"):
+            values = [metric(flatten(r["results"]), r["eval_k"], kind, baseline) for r in runs]
+            out[f"{kind}/{baseline}"] = [v for v in values if v is not None]
+        trained = [metric(flatten(r["results"]), r["eval_k"], kind, "trained") for r in runs]
+        init = [metric(flatten(r["results"]), r["eval_k"], kind, "random_init") for r in runs]
+        out[f"{kind}/gain"] = [a - b for a, b in zip(trained, init, strict=True)
+                               if a is not None and b is not None]
+    out["wall_s"] = [r["wall_s"] for r in runs]
+    out["cpu_s"] = [r["cpu_s"] for r in runs if "cpu_s" in r]
+    return out
+
+
+def mean_std(values: list[float], digits: int = 1) -> str:
+    """'m ± s' (sample std over seeds), 'm' for one value, '—' for none."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(summaries: dict[str, dict[str, list[float]]]) -> str:
+    """Markdown: a row per method (trained, random init, gain), then the raw-pixels row;
+    columns that no run reports are left out."""
+    head = ([name for _, name in COLUMNS] + [f"{name} at init" for _, name in COLUMNS]
+            + [f"gain {name}" for _, name in COLUMNS] + ["wall s / run", "CPU s / run"])
+    rows = {label: [mean_std(s[f"{k}/{b}"]) for b in ("trained", "random_init", "gain")
+                    for k, _ in COLUMNS] + [mean_std(s["wall_s"], 0), mean_std(s["cpu_s"], 0)]
+            for label, s in summaries.items()}
+    pixels = [mean_std(next(([v] for s in summaries.values() for v in s[f"{k}/pixels"]), []))
+              for k, _ in COLUMNS]
+    rows["raw pixels"] = pixels + ["—"] * (len(head) - len(pixels))
+    keep = [i for i in range(len(head)) if any(r[i] != "—" for r in rows.values())]
+    lines = ["| method | " + " | ".join(head[i] for i in keep) + " |",
+             "|---" + "|---:" * len(keep) + "|"]
+    lines += [f"| {label} | " + " | ".join(r[i] for i in keep) + " |" for label, r in rows.items()]
+    return "\n".join(lines)
+
+
+def common_overrides(preset: Preset, epochs: float | None = None, batch: int | None = None,
+                     extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The overrides every run of a preset shares: its data, the image budget, then `extra`."""
+    epochs = preset.epochs if epochs is None else epochs
+    batch = preset.batch_size if batch is None else batch
+    return [*preset.common, f"trainer.epochs={epochs:g}", f"trainer.batch_size={batch}", *extra]
+
+
+def plan(methods: dict[str, str], common: list[str], seeds: list[int], out: Path) -> list[Run]:
+    """One Run per method and seed; the run folder is named after the method and seed."""
+    runs = []
+    for label, overrides in methods.items():
+        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        args = (*common, *shlex.split(overrides))
+        runs += [Run(label, args, seed, out / slug / f"seed{seed}") for seed in seeds]
+    return runs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--method", action="append", default=[], metavar="LABEL=OVERRIDES")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_ssl"))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    methods = dict(m.split("=", 1) for m in args.method) if args.method else preset.methods
+    epochs = preset.epochs if args.epochs is None else args.epochs
+    batch = preset.batch_size if args.batch_size is None else args.batch_size
+    common = common_overrides(preset, epochs, batch, args.overrides)
+    runs = plan(methods, common, args.seeds, args.out.resolve())
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = list(pool.map(execute, runs))
+    by_method: dict[str, list[dict]] = {}
+    for run, result in zip(runs, done, strict=True):
+        by_method.setdefault(run.label, []).append(result)
+        print(f"{run.label} seed {run.seed}: {result['wall_s']:.0f} s, {run.run_dir}",
+              file=sys.stderr)
+    n = done[0]["results"].get("num_instances")
+    text = (f"{len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), {epochs:g} epochs"
+            f" of {n} images at batch {batch}, fp32; common overrides: "
+            f"`{' '.join(common)}`; bench wall time {time.perf_counter() - started:.0f} s\n\n"
+            + table({label: summarise(r) for label, r in by_method.items()}))
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
