@@ -115,7 +115,8 @@ def test_two_node_job_is_one_group_and_requeues_to_uninterrupted_weights(slurm_c
     assert follow.returncode == 0, out + err
     (ref,) = manifest(ref_dir)
     assert f"submitted SLURM job {ref['job_id']}" in out and f"log: {ref['stdout']}" in out
-    assert "kNN top-1" in out  # the task's summary table, streamed from the job's log
+    # The task's summary table, streamed from the job's log.
+    assert "top-1 (%)" in out and f"artifacts  {ref_dir}" in out
     assert accounting_states(ref["job_id"]) == ["COMPLETED"]
     reference_results = json.loads((ref_dir / "results.json").read_text())
     assert reference_results["world_size"] == 2 and reference_results["completed"]
