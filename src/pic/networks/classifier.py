@@ -275,8 +275,8 @@ class SampledInstanceClassifier(nn.Module):
             "seed": self.seed, "fifo": self.fifo.clone(), "fifo_pos": self.fifo_pos,
             "order_seed": self.order_seed, "dtype": str(self.store.dtype),
             "gen": self.store.gen, "correction": self.correction.state_dict()}
-        if self.store.storage != "mmap":
-            state["table"] = self.store.table.cpu().clone()
+        if self.store.storage != "mmap":  # the live rows (device: a copy), saved at once
+            state["table"] = self.store.table.cpu()
         return state
 
     @torch.no_grad()
