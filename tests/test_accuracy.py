@@ -27,8 +27,8 @@ def test_method_learns(label: str, tmp_path) -> None:
     done = execute(run)
     flat = flatten(done["results"])
     for kind, floor in FLOORS[label].items():
-        trained = metric(flat, done["eval_k"], kind, "trained")
-        init = metric(flat, done["eval_k"], kind, "random_init")
+        trained = metric(flat, done["eval"], kind, "trained")
+        init = metric(flat, done["eval"], kind, "random_init")
         assert trained is not None and init is not None, f"{kind} missing from results.json"
         assert trained >= floor, f"{label}: {kind} top-1 {trained:.2f} < floor {floor}"
         assert trained > init, f"{label}: {kind} top-1 {trained:.2f} <= random init {init:.2f}"
