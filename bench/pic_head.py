@@ -171,14 +171,14 @@ def main() -> None:
                     results[(n, kind)] = result
                 else:
                     results.setdefault((n, kind), []).append(result)  # type: ignore[union-attr]
-    print_table(results)
+        print_table(results)  # after every round: a run cut short keeps what it measured
 
 
 def print_table(results: dict[tuple[int, str], list[dict] | str]) -> None:
     print("| N | head | rows scored | median step ms | vs first N | peak anon MiB "
           "| peak file-backed MiB | checkpoint ms | MiB per checkpoint | disk MiB "
           "| disk B per row written | set-up s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     first: dict[str, float] = {}
     for (n, kind), runs in results.items():
         if isinstance(runs, str):
@@ -193,7 +193,7 @@ def print_table(results: dict[tuple[int, str], list[dict] | str]) -> None:
                  f"{r['disk_mib'] * 2**20 / max(r['visited'], 1):.0f}") if "ckpt_ms" in r \
             else " | | |"
         print(f"| {n:.0e} | {kind} | {r['rows']} | {median:.1f} | {ratio:.2f}x | "
-              f"{peak_anon:.0f} | {peak_file:.0f} | {extra} | {r['setup_s']:.1f} |")
+              f"{peak_anon:.0f} | {peak_file:.0f} | {extra} | {r['setup_s']:.1f} |", flush=True)
 
 
 def run_one(kind: str, n: int, args: argparse.Namespace) -> dict | str:

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pic import config  # noqa: E402
-from pic.engine.trainer import PRECISIONS, Trainer  # noqa: E402
+from pic.engine.trainer import PRECISIONS, Trainer, Window  # noqa: E402
 
 QUICK = ["backbone=resnet_tiny", "backbone.widths=[8,16]", "trainer.batch_size=16",
          "data.image_size=16"]
@@ -126,20 +126,16 @@ class PlatformLoop:
 
     def __init__(self, s: Setup, batch: dict[str, Any]) -> None:
         self.s, self.batch = s, batch
-        self.metrics_sum: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.window = Window()  # fit's metric sums and log-point reduction
 
     def run(self, start: int, steps: int) -> torch.Tensor:
         t, s = self.s.trainer, self.s
         for step in range(start, start + steps):
             finite, grad_norm, metrics = t.train_step(s.model, s.model, s.optimizer, self.batch,
                                                       s.lr_at(step))
-            for k, v in metrics.items():
-                self.metrics_sum[k] = self.metrics_sum.get(k, 0) + v.float()
-            self.count += 1
+            self.window.add(metrics, t.batch_size)
             if (step + 1) % t.log_every == 0:
-                t._reduce(self.metrics_sum, self.count, grad_norm)
-                self.metrics_sum, self.count = {}, 0
+                self.window.reduce(grad_norm)
         return metrics["loss"]
 
 

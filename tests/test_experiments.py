@@ -22,7 +22,7 @@ from pic.engine.checkpoint import load_checkpoint
 
 ROOT = CONF_DIR.parent
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
-                     if not p.stem.startswith("small_"))
+                     if not p.stem.startswith(("small_", "semi_")))
 
 # name: (model class, τ, pretraining epochs, optimizer, base lr per 256, weight decay,
 #        augmentation, crop sizes per image, sampler)

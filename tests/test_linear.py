@@ -216,7 +216,8 @@ def test_two_processes_report_the_accuracy_of_their_final_probe(tmp_path: Path) 
     cmd = [sys.executable, "launch.py", *overrides, f"pretrained={tmp_path / 'pre.pth'}",
            f"hydra.run.dir={run}", "cluster.nproc_per_node=2"]
     root = CONF_DIR.parent
-    done = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    done = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(root / "src"), str(root)])},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())

@@ -281,7 +281,7 @@ except OSError as err:
 # ---------------------------------------------------------------- end to end (launch.py)
 
 
-def launch(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(run_dir: Path, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), f"hydra.run.dir={run_dir}",
                            "logger=none", *overrides], capture_output=True, text=True,
                           timeout=timeout)

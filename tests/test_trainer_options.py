@@ -67,12 +67,13 @@ def tiny_pic() -> PIC:
     return PIC(ConvBackbone(), N, feature_dim=8, mlp_head=False, classifier_init_norm=1.0)
 
 
-def fit(model: nn.Module, out_dir: Path, max_steps: int, logger=None, **trainer_kw) -> dict:
+def fit(model: nn.Module, out_dir: Path, max_steps: int, logger=None, data=None,
+        **trainer_kw) -> dict:
     kw = dict(epochs=10, batch_size=8, max_steps=max_steps, num_workers=0, device="cpu",
               progress=False) | trainer_kw
     trainer = Trainer(**kw)
-    return trainer.fit(model, TinyImages(N, size=8), EpochSampler(N, seed=0), sgd(model, 8, lr=0.5),
-                       Cosine(), out_dir, logger or NoLogger(), seed=0)
+    return trainer.fit(model, data or TinyImages(N, size=8), EpochSampler(N, seed=0),
+                       sgd(model, 8, lr=0.5), Cosine(), out_dir, logger or NoLogger(), seed=0)
 
 
 # ---------------------------------------------------------------------- options reach the model
@@ -342,14 +343,31 @@ def test_a_stop_request_ends_the_run_after_the_step_in_progress(tmp_path: Path) 
 
 
 # ---------------------------------------------------------------------- compile, benchmark
+class Float64Images(TinyImages):
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        return item | {"crops": [item["crops"][0].double()]}
+
+
 @pytest.mark.slow
-def test_a_compiled_backbone_trains_like_the_eager_one(tmp_path: Path) -> None:
-    eager, compiled = tiny_pic(), tiny_pic()
+def test_a_compiled_backbone_trains_like_the_eager_one(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A private kernel cache: torch reuses kernels compiled under another ATEN_CPU_CAPABILITY
+    # from its shared cache, and they compute garbage (NaN here, with avx2 after an AVX-512 run).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    eager, compiled, reference = tiny_pic(), tiny_pic(), tiny_pic().double()
     fit(eager, tmp_path / "eager", 3)
     fit(compiled, tmp_path / "compiled", 3, compile=True)
-    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(),
-                            strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    fit(reference, tmp_path / "float64", 3, data=Float64Images(N, size=8))
+    for (name, a), b, r in zip(eager.state_dict().items(), compiled.state_dict().values(),
+                               reference.state_dict().values(), strict=True):
+        if not r.is_floating_point():
+            continue
+        # Compiled float32 reorders the reductions: its error against float64 is of the order
+        # of eager float32's, plus up to n·u·|value| for a reordered sum of n terms (u = 2^-24;
+        # n = 512, the longest: BatchNorm over 8 images × 8×8 px).
+        bound = 2 * (a.double() - r).abs().max() + 512 * 2**-24 * r.abs().max()
+        assert (b.double() - r).abs().max() <= bound, name
 
 
 def load_bench():

@@ -39,7 +39,7 @@ def run_task(cfg: DictConfig, handle_signals: bool | None = None) -> Any:
     With ``handle_signals``, SIGTERM, SIGINT and SIGUSR2 stop the run cleanly
     (:mod:`pic.engine.signals`): the trainer checkpoints the step it finishes, the task returns
     its partial summary and the process exits with ``128 + signum``. The default (None) is on,
-    except in a submitit SLURM job, whose own handlers checkpoint and requeue it.
+    except in a submitit SLURM job, where :class:`pic.launch.slurm.SlurmJob` handles them.
     """
     if handle_signals is None:
         handle_signals = os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
@@ -50,7 +50,8 @@ def run_task(cfg: DictConfig, handle_signals: bool | None = None) -> Any:
             OmegaConf.save(cfg, out_dir / "config.yaml")
         with signals.stop_on_signals() if handle_signals else contextlib.nullcontext():
             result = instantiate(cfg.task).run(cfg, out_dir)
-            code = signals.exit_code()
+            # Under SLURM the job's launcher reads the signal itself (checkpoint, then requeue).
+            code = signals.exit_code() if handle_signals else None
     if code is not None:
         log.warning("stopped by a signal; %s/current.pth holds the last step: rerun the same "
                     "command to resume (exit code %d)", out_dir, code)

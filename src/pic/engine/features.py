@@ -104,7 +104,7 @@ def evaluate(encoder: nn.Module, bank_set: Dataset, val_set: Dataset, knn: KNN,
     return scores, val_f, val_y
 
 
-def eval_results(knn: Any, scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def eval_results(knn: KNN, scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``results.json``'s evaluation keys. Flat, for tables: ``knn_top1`` / ``knn_top5`` (the
     first k × T) and ``probe_top1`` / ``probe_top5`` of the trained network, the same with
     ``_random_init`` and ``_pixels`` for the baselines. Nested: ``eval`` with every k × T of

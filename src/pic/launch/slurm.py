@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import config_dict
 from ..dist.init import init_distributed
+from ..engine import signals
 from . import Run, configure_logging
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,13 @@ log = logging.getLogger(__name__)
 class SlurmJob(submitit.helpers.Checkpointable):
     """What every SLURM task runs; checkpointable, so a preempted or timed-out job requeues.
 
-    submitit calls :meth:`checkpoint` on its USR2 signal (rank 0 only), resubmits this same
-    object and exits; the requeued job resumes from ``current.pth`` in its run directory (the
-    trainer saves every ``trainer.checkpoint_every`` steps; work since then is redone, exactly).
+    While the task runs, SIGUSR2 (submitit's pre-timeout and preemption signal), SIGTERM (what
+    ``scontrol requeue``, ``scancel`` and preemption with a grace time send) and SIGINT are stop
+    requests (:mod:`pic.engine.signals`): every rank finishes the step, ``current.pth`` is
+    written at that step and the task returns. Then, after SIGUSR2, submitit's own handler
+    calls :meth:`checkpoint` (rank 0), resubmits this same object and requeues the job; after
+    SIGTERM, SLURM itself requeues (``scontrol requeue``) or ends the job. Either way the
+    requeued job resumes from the signalled step.
     """
 
     def __init__(self, cfg: dict[str, Any], run: Run, max_requeue: int) -> None:
@@ -37,11 +43,22 @@ class SlurmJob(submitit.helpers.Checkpointable):
         configure_logging(rank)
         init_distributed()
         try:
-            return self.run(OmegaConf.create(self.cfg))
+            with signals.stop_on_signals():
+                result = self.run(OmegaConf.create(self.cfg))
+                signum = signals.received()
         except Exception as err:
             # Only preemption and time-outs requeue (through checkpoint()); this ends the job.
             log.error("job failed and is not requeued: %s: %s", type(err).__name__, err)
             raise
+        if not (isinstance(result, dict) and result.get("stopped_by")):
+            return result  # finished (a signal after the training changes nothing)
+        if signum == submitit.JobEnvironment._usr_sig():
+            # submitit's handler is back: on rank 0 it calls checkpoint(), requeues and exits.
+            signal.raise_signal(signum)
+        # No result file: to submitit the job is unfinished (requeued, or cancelled).
+        log.warning("stopped by %s with current.pth at the step it finished; a requeued job "
+                    "resumes there", signal.Signals(signum).name if signum else "another rank")
+        raise SystemExit(128 + signum if signum else 1)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -50,7 +67,7 @@ class SlurmJob(submitit.helpers.Checkpointable):
                       restarts, self.max_requeue)
             return None
         log.warning("preempted or at the time limit: requeueing (restart %d of at most %d); the "
-                    "run resumes from its last current.pth", restarts + 1, self.max_requeue)
+                    "run resumes from its current.pth", restarts + 1, self.max_requeue)
         return super().checkpoint()
 
 
@@ -109,7 +126,8 @@ class Slurm:
             _QUEUED.append(point)
             return {"run_dir": str(run_dir), "overrides": overrides}
         (job,) = _submit([point], run_dir / "slurm")
-        return _follow(job) if self.wait else _record(job, point)
+        record = _record(job, point)
+        return _follow(job) if self.wait else record
 
 
 @dataclasses.dataclass

@@ -100,7 +100,7 @@ class SampledInstanceClassifier(nn.Module):
         self.num_instances, self.dim, self.init_norm = num_instances, dim, init_norm
         self.num_negatives = num_instances if num_negatives is None else num_negatives
         self.sampling, self.weight_correction = sampling, weight_correction
-        self.group: dict[str, Any] | None = None  # the optimizer's, from attach()
+        self._optimizer: torch.optim.Optimizer | None = None  # from attach()
         self.order_seed = order_seed
         path = None if storage_dir is None else Path(storage_dir) / "pic_classifier.table"
         self.store = RowTable(num_instances, dim, dtype, storage, path)
@@ -181,8 +181,17 @@ class SampledInstanceClassifier(nn.Module):
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Apply ``optimizer``'s SGD to the rows: its m, λ and each step's lr (plain momentum
         SGD only: checked)."""
-        self.group = plain_sgd_group(optimizer, "the sampled PIC classifier (model."
-                                     "num_negatives / model.classifier_storage=host|mmap)")
+        plain_sgd_group(optimizer, "the sampled PIC classifier (model.num_negatives / "
+                        "model.classifier_storage=host|mmap)")
+        self._optimizer = optimizer
+
+    @property
+    def group(self) -> dict[str, Any]:
+        """The optimizer's param group, looked up at every use: loading an optimizer state
+        (a resume, after attach) replaces the group dicts."""
+        if self._optimizer is None:
+            raise RuntimeError("SampledInstanceClassifier used before attach(optimizer)")
+        return self._optimizer.param_groups[0]
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -190,8 +199,6 @@ class SampledInstanceClassifier(nn.Module):
         correction, park due blocks."""
         if self._pending is None:
             raise RuntimeError("SampledInstanceClassifier.after_step without a forward")
-        if self.group is None:
-            raise RuntimeError("SampledInstanceClassifier.after_step before attach(optimizer)")
         lr, m, lam = self.group["lr"], self.group["momentum"], self.group["weight_decay"]
         rows, raw, w, b, leaf, positives = self._pending
         self._pending = None
@@ -275,8 +282,8 @@ class SampledInstanceClassifier(nn.Module):
             "seed": self.seed, "fifo": self.fifo.clone(), "fifo_pos": self.fifo_pos,
             "order_seed": self.order_seed, "dtype": str(self.store.dtype),
             "gen": self.store.gen, "correction": self.correction.state_dict()}
-        if self.store.storage != "mmap":
-            state["table"] = self.store.table.cpu().clone()
+        if self.store.storage != "mmap":  # the live rows (device: a copy), saved at once
+            state["table"] = self.store.table.cpu()
         return state
 
     @torch.no_grad()

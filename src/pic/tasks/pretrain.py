@@ -67,7 +67,9 @@ class Pretrain:
                          num_workers=trainer.num_workers)
         encoder = encoder_of(model, knn.features)
         clock = time.perf_counter()
-        baselines = self._baselines(out_dir, lambda e: scored(e, probe=self.probe)[0], encoder)
+        settings = {"eval": config_dict(cfg.eval), "probe": config_dict(cfg.task).get("probe")}
+        baselines = self._baselines(out_dir, lambda e: scored(e, probe=self.probe)[0], encoder,
+                                    settings)
         timing = {"baselines_time_s": time.perf_counter() - clock}
         online = self._online_probe(model, train_set, data.num_classes, trainer)
 
@@ -126,14 +128,16 @@ class Pretrain:
                             scaled_lr(self.online_probe_lr, trainer.batch_size))
         return probe.to(trainer.device).attach(model)
 
-    def _baselines(self, out_dir: Path, score: Any, encoder: torch.nn.Module
-                   ) -> dict[str, dict[str, Any]]:
+    def _baselines(self, out_dir: Path, score: Any, encoder: torch.nn.Module,
+                   settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """``{"random_init": scores, "pixels": scores}`` (those asked for), from
-        ``baselines.json`` when a start of this run wrote it."""
+        ``baselines.json`` when a start of this run wrote it with the same ``settings``."""
         path = out_dir / "baselines.json"
         wanted = [name for name, on in zip(BASELINES, (self.knn_random_init, self.pixels),
                                            strict=True) if on]
         done = json.loads(path.read_text()) if path.is_file() else {}
+        if done.get("settings") != settings:  # a resume with other eval settings: score again
+            done = {"settings": settings}
         for name in wanted:
             if name not in done:
                 done[name] = score(encoder if name == "random_init" else pixels())

@@ -1,0 +1,157 @@
+"""``task=finetune pretrained=PATH task.label_fraction=0.01|0.1``: semi-supervised evaluation.
+
+The whole network — a checkpoint's backbone and a new linear layer — is fine-tuned on a
+class-balanced, seeded subset of the training labels (``label_fraction`` of each class,
+at least one image per class), then top-1/top-5 are measured on the validation split after every
+epoch. The subset is written to ``<run dir>/label_subset.json`` before training and read back
+on a resume. Defaults are SimCLR's fine-tuning protocol (its appendix B.5): Nesterov SGD,
+momentum 0.9, lr 0.05 per 256 images (0.8 at batch 4096), no warmup, no weight decay, random
+resized crop + flip only; 60 epochs for 1% of the labels, 30 for 10% (``task.epochs``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .. import dist
+from ..config import config_dict
+from ..data import transforms
+from ..data.samplers import EpochSampler
+from ..engine.checkpoint import atomic_write_text, load_backbone, seed_everything
+from ..engine.optim import sgd
+from ..engine.schedules import Cosine
+from ..logging.history import MetricHistory
+from ..models.linear_probe import LinearProbe
+from ..provenance import provenance
+from .common import eval_splits, make_logger, write_results
+from .linear import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> list[int]:
+    """Sorted indices: for each class c with n_c images, round(fraction·n_c) of them (at least
+    one), drawn by a generator seeded with ``seed`` (labels: N int64)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"task.label_fraction={fraction}: expected a fraction in (0, 1]")
+    gen = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        take = max(1, round(fraction * len(members)))
+        chosen += members[torch.randperm(len(members), generator=gen)[:take]].tolist()
+    return sorted(chosen)
+
+
+class LabelSubset(torch.utils.data.Dataset):
+    """Items ``indices[i]`` of ``dataset`` as items ``i`` (their ``index`` renumbered, so that
+    the sampler and the label table work on the subset)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[self.indices[i]], "index": i}
+
+
+class FineTuned(LinearProbe):
+    """The probe's network with its backbone trained too (BN in train mode)."""
+
+    def __init__(self, backbone: torch.nn.Module, num_classes: int,
+                 labels: torch.Tensor) -> None:
+        super().__init__(backbone, num_classes, labels, bn_train_mode=True)
+        self.backbone.requires_grad_(True)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """images B×3×H×W → class logits B×C, with gradient into the backbone."""
+        return self.fc(self.norm(self.backbone(images)))
+
+
+class FineTune:
+    """Fine-tuning on ``label_fraction`` of the labels; see the module doc for the protocol."""
+
+    def __init__(self, label_fraction: float = 0.01, epochs: float = 60.0,
+                 batch_size: int = 4096, lr: float = 0.05, momentum: float = 0.9,
+                 nesterov: bool = True, weight_decay: float = 0.0, subset_seed: int = 0) -> None:
+        balanced_subset(torch.zeros(1, dtype=torch.long), label_fraction, 0)  # checks the range
+        self.label_fraction, self.epochs, self.batch_size = label_fraction, epochs, batch_size
+        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self.weight_decay, self.subset_seed = weight_decay, subset_seed
+
+    def subset(self, labels: torch.Tensor, out_dir: Path, resume: bool) -> list[int]:
+        """The run's labelled subset: read from ``label_subset.json`` when resuming, else drawn
+        and written there (rank 0, atomically) before training."""
+        path = out_dir / "label_subset.json"
+        wanted = {"label_fraction": self.label_fraction, "subset_seed": self.subset_seed}
+        if resume and path.is_file():
+            saved = json.loads(path.read_text())
+            if {k: saved.get(k) for k in wanted} != wanted:
+                raise ValueError(f"{path} holds the subset of {saved.get('label_fraction')} / "
+                                 f"seed {saved.get('subset_seed')}, not of {wanted}: use a new "
+                                 "run directory or the same task.label_fraction/subset_seed")
+            return saved["indices"]
+        indices = balanced_subset(labels, self.label_fraction, self.subset_seed)
+        if dist.is_main():
+            atomic_write_text(json.dumps({**wanted, "indices": indices}) + "\n", path)
+        dist.barrier()
+        return indices
+
+    def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+        if not cfg.pretrained:
+            raise ValueError("task=finetune needs pretrained=PATH (a current.pth of a "
+                             "pretraining run)")
+        seed_everything(cfg.seed)
+        trainer = instantiate(cfg.trainer, epochs=self.epochs, batch_size=self.batch_size)
+        data = instantiate(cfg.data)
+        augment = transforms.linear_eval_resized_crop(data.image_size, data.mean, data.std)
+        full = data.build("train", augment, dist.get_rank(), dist.get_world_size())
+        labels = torch.tensor([full.label(i) for i in range(len(full))])
+        indices = self.subset(labels, out_dir, cfg.auto_resume)
+        train_set = LabelSubset(full, indices)
+        _, val_set = eval_splits(data)
+        net = FineTuned(load_backbone(instantiate(cfg.backbone), cfg.pretrained),
+                        data.num_classes, labels[indices]).to(trainer.device)
+        sampler = EpochSampler(len(train_set), cfg.seed, dist.get_rank(), dist.get_world_size())
+        optimizer = sgd(net, self.batch_size, self.lr, self.momentum, self.weight_decay,
+                        self.nesterov)
+        history = MetricHistory(out_dir / "finetune_history.json", cfg.auto_resume)
+
+        def record(passes: float) -> dict[str, float]:
+            scores = evaluate(net, val_set, trainer.per_rank_batch(), trainer.device,
+                              trainer.num_workers)
+            history.record(passes, scores)
+            return {f"val_{k}": v for k, v in scores.items()}
+
+        logger = make_logger(cfg)
+        origin = provenance(full)
+        summary = trainer.fit(net, train_set, sampler, optimizer, Cosine(warmup_epochs=0.0),
+                              out_dir, logger, cfg.seed, resume=cfg.auto_resume, epoch_end=record,
+                              config=config_dict(cfg), provenance=origin,
+                              allow_dataset_change=cfg.allow_dataset_change)
+        if summary["stopped_by"]:
+            return summary
+        if summary["epochs"] not in history:
+            logger.log(record(summary["epochs"]), summary["steps"])
+        rows = history.rows(until=summary["epochs"])
+        results = {"finetune_top1": rows[-1]["top1"], "finetune_top5": rows[-1]["top5"],
+                   "finetune_history": rows, "label_fraction": self.label_fraction,
+                   "num_labelled": len(indices), "pretrained": str(cfg.pretrained), **origin,
+                   **{k: v for k, v in summary.items() if k != "loss_history"}}
+        logger.summary({k: v for k, v in results.items() if k != "finetune_history"})
+        logger.finish()
+        write_results(out_dir, results)
+        if dist.is_main():
+            print(f"fine-tuned on {len(indices)} labels ({self.label_fraction:g}): top-1 "
+                  f"{results['finetune_top1']:.2f}%  top-5 {results['finetune_top5']:.2f}%",
+                  flush=True)
+        return results

@@ -1,0 +1,82 @@
+"""Semi-supervised fine-tuning: the label subset is class-balanced, seeded and saved; the task
+fine-tunes the whole network on it alone, reports top-1/top-5, and resumes on the same subset."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from pic.engine.checkpoint import load_checkpoint
+from pic.tasks.finetune import LabelSubset, balanced_subset
+
+from .helpers import TinyImages, compose_config
+from .test_linear import WIDTHS, write_checkpoint
+
+RUN = ["task=finetune", "data=synthetic", "data.num_images=192", "data.num_val_images=48",
+       "data.resolution=16", "data.image_size=16", "data.num_classes=4", "backbone=resnet_tiny",
+       f"backbone.widths=[{','.join(map(str, WIDTHS))}]", "task.label_fraction=0.1",
+       "task.batch_size=8", "task.epochs=2", "task.lr=0.5", "trainer.num_workers=0",
+       "trainer.progress=false", "trainer.log_every=1", "logger=none"]
+
+
+def test_subset_is_class_balanced_and_seeded() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 3 + [3] * 17)[torch.randperm(100)]
+    subset = balanced_subset(labels, 0.1, seed=0)
+    counts = Counter(labels[subset].tolist())
+    assert counts == {0: 5, 1: 3, 2: 1, 3: 2}  # round(0.1 n_c), at least one per class
+    assert subset == sorted(set(subset))
+    assert balanced_subset(labels, 0.1, seed=0) == subset
+    assert balanced_subset(labels, 0.1, seed=1) != subset
+    with pytest.raises(ValueError, match="label_fraction=0"):
+        balanced_subset(labels, 0.0, seed=0)
+
+
+def test_label_subset_renumbers_items() -> None:
+    images = TinyImages(10)
+    subset = LabelSubset(images, [7, 2])
+    assert len(subset) == 2 and subset[0]["index"] == 0
+    assert torch.equal(subset[0]["crops"][0], images[7]["crops"][0])
+
+
+def run(tmp: Path, *overrides: str) -> dict:
+    cfg = compose_config(*RUN, f"pretrained={tmp / 'pre.pth'}", *overrides)
+    return instantiate(cfg.task).run(cfg, tmp / "run")
+
+
+def test_finetune_trains_the_whole_network_on_the_subset_and_resumes(tmp_path: Path) -> None:
+    pretrained = write_checkpoint(tmp_path / "pre.pth")
+    first = run(tmp_path, "trainer.max_steps=2")
+    saved = json.loads((tmp_path / "run" / "label_subset.json").read_text())
+    data = instantiate(compose_config(*RUN).data)
+    labels = torch.tensor([data.build("train", None, 0, 1).label(i) for i in range(192)])
+    assert saved["indices"] == balanced_subset(labels, 0.1, 0)
+    assert first["steps"] == 2 and len(saved["indices"]) == 20  # 4 classes of 48: 5 each
+
+    results = run(tmp_path)  # resumes on the saved subset: 20 images / 8 = 2 steps per epoch
+    assert results["steps"] == 4 and results["completed"] and results["num_labelled"] == 20
+    assert [r["epoch"] for r in results["finetune_history"]] == [1.0, 2.0]
+    assert 0 <= results["finetune_top1"] <= results["finetune_top5"] <= 100
+    state = load_checkpoint(tmp_path / "run" / "current.pth")["model"]
+    changed = [k for k, v in pretrained.items()
+               if v.is_floating_point() and not torch.equal(state[f"backbone.{k}"], v)]
+    assert changed  # the backbone is fine-tuned, not frozen
+
+    with pytest.raises(ValueError, match="label_subset.json holds the subset of 0.1"):
+        run(tmp_path, "task.label_fraction=0.01")
+
+
+@pytest.mark.parametrize(("name", "fraction", "epochs"), [("semi_1pct", 0.01, 60),
+                                                           ("semi_10pct", 0.1, 30)])
+def test_semi_supervised_rows_have_simclrs_settings(name: str, fraction: float,
+                                                    epochs: int) -> None:
+    cfg = compose_config(f"experiment={name}", "pretrained=/runs/pic/current.pth")
+    task = instantiate(cfg.task)
+    assert cfg.task._target_ == "pic.tasks.finetune.FineTune" and cfg.backbone.arch == "resnet50"
+    assert (task.label_fraction, task.epochs, task.batch_size) == (fraction, epochs, 4096)
+    assert (task.lr * task.batch_size / 256, task.momentum, task.nesterov,
+            task.weight_decay) == (0.8, 0.9, True, 0.0)
