@@ -17,15 +17,15 @@ def test_launch_writes_every_artifact(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), f"hydra.run.dir={out}", "trainer.max_steps=3",
-         "trainer.batch_size=128", "backbone.widths=[8,16]", "trainer.num_workers=0",
-         "trainer.progress=false"],
+         "trainer.batch_size=128", "backbone.widths=[8,16]", "trainer.num_workers=0"],
         capture_output=True, text=True, env={"WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"},
         timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "config.yaml").is_file() and (out / ".hydra" / "config.yaml").is_file()
     assert (out / "summary.png").stat().st_size > 10_000
     results = json.loads((out / "results.json").read_text())
-    for key in ("knn_top1", "knn_top1_random_init", "steps", "train_time_s", "bad_steps"):
+    for key in ("knn_top1", "knn_top1_random_init", "knn_top1_pixels", "probe_top1",
+                "precision", "steps", "train_time_s", "bad_steps"):
         assert key in results, key
     assert 0 <= results["knn_top1"] <= 100 and 0 <= results["knn_top1_random_init"] <= 100
     assert results["steps"] == 3
@@ -34,4 +34,6 @@ def test_launch_writes_every_artifact(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and ckpt["state"]["run_id"] in runs[0].name
-    assert "kNN top-1" in proc.stdout  # the closing summary
+    # The closing summary: trained, random init and pixels side by side, kNN and the probe.
+    assert all(word in proc.stdout for word in ("trained", "random init", "pixels", "kNN-20",
+                                                "probe"))
