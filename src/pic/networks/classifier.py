@@ -72,7 +72,10 @@ class SampledInstanceClassifier(nn.Module):
     Row order: with ``order_seed`` the row of image i is its position in the sliding-window
     sampler's list for that seed (:func:`~pic.data.samplers.list_order`), so the rows of window
     t are the contiguous range t·S … t·S+W−1 and a step works inside a W-row region of the
-    table that slides S rows per window; ``None`` stores image i at row i.
+    table that slides S rows per window; ``None`` stores image i at row i. Any order is exact;
+    only locality depends on it: with ``sampler.reshuffle=true`` the rows keep the first pass's
+    order (later passes read scattered rows), and with the per-rank part cache each rank's list
+    is its own, so the global window is not one range.
 
     Args:
         num_instances: N.
