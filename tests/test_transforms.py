@@ -24,7 +24,7 @@ def as_tensor(image: Image.Image) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "build, views",
-    [(T.simclr, 2), (T.mocov2, 2), (T.instdisc, 1), (T.linear, 1)],
+    [(T.simclr, 2), (T.mocov2, 2), (T.instdisc, 1), (T.linear_eval_resized_crop, 1)],
 )
 @pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("as_input", [lambda im: im, as_tensor])
@@ -41,7 +41,7 @@ def test_views_are_independent_draws():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("build", [T.simclr, T.mocov2, T.instdisc, T.linear])
+@pytest.mark.parametrize("build", [T.simclr, T.mocov2, T.instdisc, T.linear_eval_resized_crop])
 def test_augmentation_is_deterministic_under_a_seed(build):
     transform = build(32, MEAN, STD, num_views=2)
     torch.manual_seed(7)
@@ -54,7 +54,7 @@ def test_augmentation_is_deterministic_under_a_seed(build):
     assert not all(torch.equal(x, y) for x, y in zip(first, other, strict=True))
 
 
-@pytest.mark.parametrize("build", [T.linear, T.eval_transform])
+@pytest.mark.parametrize("build", [T.linear_eval_resized_crop, T.eval_transform])
 def test_constant_image_is_normalised_with_mean_and_std(build):
     """Crops, flips and resizes keep a constant image constant: only normalisation is left."""
     rgb = (51, 128, 204)
