@@ -5,7 +5,7 @@ Each run is ``launch.py`` in a subprocess (fp32, ``logger=none``, no plot, its o
 ``hydra.run.dir`` under ``--out``); the table is read from each run's ``results.json``. Runs
 that finished before with the same command are reused, so an interrupted bench continues.
 
-    python bench/ssl.py [--preset default|small|ci|real|claims] [--seeds 0 1 2] [--epochs E]
+    python bench/ssl_methods.py [--preset default|small|ci|real|claims] [--seeds 0 1 2] [--epochs E]
                         [--batch-size B] [--method 'LABEL=OVERRIDES' ...] [--out DIR]
                         [--jobs 1] [-- HYDRA_OVERRIDES for every run, e.g. data=folder ...]
 
