@@ -31,20 +31,17 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Run as a script, this folder heads sys.path and this file would shadow the standard `ssl`
-# module for anything imported below that needs it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 ROOT = HERE.parent
 FASHION_GRAY = ["data=folder", "data.image_size=32",
