@@ -27,11 +27,6 @@ and each run's wall and CPU time (its own, loader workers included).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-
 import argparse
 import json
 import os
@@ -39,9 +34,13 @@ import re
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 ROOT = HERE.parent
 FASHION_GRAY = ["data=folder", "data.image_size=32",
