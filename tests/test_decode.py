@@ -73,7 +73,7 @@ def test_region_equals_the_same_rectangle_of_a_full_decode(subsampling: int, mod
 
 
 @pytest.mark.parametrize("build", [
-    lambda: T.linear(32, MEAN, STD),
+    lambda: T.linear_eval_resized_crop(32, MEAN, STD),
     lambda: T.simclr(24, MEAN, STD),
     lambda: T.MultiCrop(MEAN, STD, [T.CropGroup(32, 1, [0.3, 1.0]),
                                     T.CropGroup(16, 3, [0.05, 0.2])]),
@@ -113,7 +113,7 @@ def test_only_transforms_that_accept_a_jpeg_file_get_one(tmp_path: Path) -> None
     data = FolderData(str(tmp_path))
     data.build("train", lambda image: seen.append(type(image)) or [])[0]
     assert seen == [torch.Tensor]  # a plain callable: decoded pixels
-    item = data.build("train", T.linear(16, MEAN, STD))[0]
+    item = data.build("train", T.linear_eval_resized_crop(16, MEAN, STD))[0]
     assert item["crops"][0].shape == (3, 16, 16)
 
 
@@ -142,7 +142,7 @@ def test_corrupt_jpeg_found_at_crop_time_is_replaced_and_counted(tmp_path: Path,
     bad.write_bytes(truncated_jpeg())
     # Every JPEG lazy, the truncated one too: its crop covers the whole image and fails.
     monkeypatch.setattr(D, "lazy_jpeg", lambda data: D.JPEGFile(data, 64, 64))
-    transform = T.linear(16, MEAN, STD)
+    transform = T.linear_eval_resized_crop(16, MEAN, STD)
     monkeypatch.setattr(transform.crop, "scale", (1.0, 1.0))
     monkeypatch.setattr(transform.crop, "ratio", (1.0, 1.0))
     with caplog.at_level(logging.WARNING):
