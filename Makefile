@@ -34,8 +34,19 @@ install-simd: $(STAMP)
 train: $(STAMP) $(NATIVE)
 	$(BIN)/python launch.py $(ARGS)
 
+# The whole suite, then (when no ARGS narrow it) the numerics tests again under the CPU dispatch
+# of an AVX2-only machine (no AVX-512, no native bf16): tolerances must hold on either kind. A
+# fresh inductor cache, since kernels compiled for AVX-512 would be reused otherwise.
+NUMERICS := tests/test_losses.py tests/test_pic_scale.py tests/test_distributed.py \
+	tests/test_knn_schedules.py tests/test_eval.py tests/test_trainer_options.py
+
 test: $(STAMP) $(NATIVE)
 	$(BIN)/python -m pytest $(ARGS)
+	@if [ -z "$(ARGS)" ]; then \
+	  echo "== numerics under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"; \
+	  cache=$$(mktemp -d) && ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+	    TORCHINDUCTOR_CACHE_DIR=$$cache $(BIN)/python -m pytest -q -m "not slow and not slurm" \
+	    $(NUMERICS); rc=$$?; rm -rf $$cache; exit $$rc; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
