@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -26,18 +25,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from train_step import cpu_name  # noqa: E402  (this folder heads sys.path)
+
 from pic import dist  # noqa: E402
 from pic.engine.trainer import Trainer  # noqa: E402
 from pic.networks.resnet import TinyResNet  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def free_port() -> int:
