@@ -139,6 +139,7 @@ class FineTune:
                               config=config_dict(cfg), provenance=origin,
                               allow_dataset_change=cfg.allow_dataset_change)
         if summary["stopped_by"]:
+            logger.finish()  # the requeued attempt resumes this W&B run: release it now
             return summary
         if summary["epochs"] not in history:
             logger.log(record(summary["epochs"]), summary["steps"])

@@ -174,6 +174,7 @@ class LinearEval:
                               resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg),
                               provenance=origin, allow_dataset_change=cfg.allow_dataset_change)
         if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
+            logger.finish()  # the requeued attempt resumes this W&B run: release it now
             return summary
         if summary["epochs"] not in history:  # stopped between epochs (max_steps, preemption)
             logger.log(record(summary["epochs"]), summary["steps"])

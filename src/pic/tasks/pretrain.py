@@ -97,6 +97,7 @@ class Pretrain:
                               epoch_end=epoch_end, config=config_dict(cfg), provenance=origin,
                               allow_dataset_change=cfg.allow_dataset_change)
         if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
+            logger.finish()  # the requeued attempt resumes this W&B run: release it now
             return summary
         clock = time.perf_counter()
         final, val_f, val_y = scored(encoder, probe=self.probe)
