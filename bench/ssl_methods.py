@@ -1,13 +1,15 @@
 """Every method × several seeds at one image budget: mean ± std of kNN and probe top-1, beside
 the same network at random init and raw pixels.
 
-Each run is ``launch.py`` in a subprocess (fp32, ``logger=none``, no plot, its own
-``hydra.run.dir`` under ``--out``); the table is read from each run's ``results.json``. Runs
-that finished before with the same command are reused, so an interrupted bench continues.
+Each run is ``launch.py`` in a subprocess (``--precision``, fp32 by default; ``logger=none``,
+no plot, its own ``hydra.run.dir`` under ``--out``); the table is read from each run's
+``results.json``. Runs that finished before with the same command are reused, so an
+interrupted bench continues.
 
     python bench/ssl_methods.py [--preset default|small|ci|real|claims] [--seeds 0 1 2] [--epochs E]
                         [--batch-size B] [--method 'LABEL=OVERRIDES' ...] [--out DIR]
-                        [--jobs 1] [-- HYDRA_OVERRIDES for every run, e.g. data=folder ...]
+                        [--jobs 1] [--precision fp32|bf16|auto]
+                        [-- HYDRA_OVERRIDES for every run, e.g. data=folder ...]
 
 Presets (``--epochs``/``--batch-size`` override their budget): ``default``, the five methods
 (``model=X``: PIC, SimCLR, MoCo v2, MoCo v1, InstDisc) on digits, 10 epochs at batch 256;
@@ -48,8 +50,8 @@ FASHION_GRAY = ["data=folder", "data.image_size=32",
 FASHION_60K = (*FASHION_GRAY, "data.root=/work/data/fashion-mnist")
 FASHION_10K = (*FASHION_GRAY, "data.root=/work/data/fashion-mnist-10k")
 CI_EPOCHS, CI_BATCH = 2.0, 128
-# Every run: the reference precision, no logging service, no t-SNE plot, no progress bar.
-FIXED = ["logger=none", "trainer.precision=fp32", "task.plot=false", "trainer.progress=false"]
+# Every run: no logging service, no t-SNE plot, no progress bar (the precision is --precision).
+FIXED = ["logger=none", "task.plot=false", "trainer.progress=false"]
 
 FIVE = {"PIC": "model=pic", "SimCLR": "model=simclr", "MoCo v2": "model=mocov2",
         "MoCo v1": "model=moco", "InstDisc": "model=instdisc"}
@@ -108,7 +110,8 @@ def execute(run: Run) -> dict:
     command = run.command()
     if record.is_file():
         done = json.loads(record.read_text())
-        if done["command"][1:] == command[1:]:
+        # The same overrides in any order (Hydra applies them by key): the same run.
+        if sorted(done["command"][1:]) == sorted(command[1:]):
             return done
     run.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -260,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_ssl"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="trainer.precision of every run (auto: bf16 where native)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     return parser.parse_args(argv)
 
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = dict(m.split("=", 1) for m in args.method) if args.method else preset.methods
     epochs = preset.epochs if args.epochs is None else args.epochs
     batch = preset.batch_size if args.batch_size is None else args.batch_size
-    common = common_overrides(preset, epochs, batch, args.overrides)
+    common = common_overrides(preset, epochs, batch,
+                              [f"trainer.precision={args.precision}", *args.overrides])
     runs = plan(methods, common, args.seeds, args.out.resolve())
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -281,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{run.label} seed {run.seed}: {result['wall_s']:.0f} s, {run.run_dir}",
               file=sys.stderr)
     n = done[0]["results"].get("num_instances")
+    precisions = sorted({r["results"].get("precision", "?") for r in done})
     text = (f"{len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), {epochs:g} epochs"
-            f" of {n} images at batch {batch}, fp32; common overrides: "
+            f" of {n} images at batch {batch}, {'/'.join(precisions)}; common overrides: "
             f"`{' '.join(common)}`; bench wall time {time.perf_counter() - started:.0f} s\n\n"
             + table({label: summarise(r) for label, r in by_method.items()}))
     (args.out / "table.md").write_text(text + "\n")
