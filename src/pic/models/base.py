@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from ..networks.batchnorm import convert_batchnorm
+from ..networks.deferred import DeferredUpdate
 from ..networks.heads import MultiCropEncoder, projection_head
 
 
@@ -53,7 +52,7 @@ class Trainable(nn.Module):
                 for buffer in module.buffers(recurse=False)]
 
 
-class Method(Trainable):
+class Method(DeferredUpdate, Trainable):
     """A self-supervised method: an encoder (backbone + head) and a loss over crop groups.
 
     ``forward(crops, index)`` takes the list of crop batches (B×3×H×W each, grouped by
@@ -63,11 +62,10 @@ class Method(Trainable):
     submodules, so it is part of ``state_dict`` and of every checkpoint.
 
     The step's update: what ``forward`` computes for changing that state (InstDisc's gathered
-    bank rows and features, MoCo's gathered keys) must wait until the optimizer step is known
-    to be applied, since a skipped step changes nothing. ``forward`` hands it over with
-    :meth:`defer_update`; ``after_step`` takes it with :meth:`deferred_update`. A skipped step's
-    update is never taken: the next ``forward`` replaces it. (PIC's sampled classifier keeps
-    the rows of its step the same way, inside the classifier.)
+    bank rows and features, MoCo's gathered keys) waits until the optimizer step is known to be
+    applied (:class:`~pic.networks.deferred.DeferredUpdate`: ``forward`` calls
+    :meth:`defer_update`, ``after_step`` takes it with :meth:`deferred_update`). PIC's sampled
+    classifier keeps the rows of its step the same way, inside the classifier.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int = 128, mlp_head: bool = True,
@@ -80,16 +78,6 @@ class Method(Trainable):
         self.encoder = MultiCropEncoder(backbone, head, bn_per_crop)
         if bn_per_crop:
             convert_batchnorm(self.encoder, sync=False)
-        self._update: Any = None
-
-    def defer_update(self, update: Any) -> None:
-        """Called by ``forward``: what ``after_step`` applies if this step is taken."""
-        self._update = update
-
-    def deferred_update(self) -> Any:
-        """Called by ``after_step``: the last ``forward``'s update (None if none), taken once."""
-        update, self._update = self._update, None
-        return update
 
     @property
     def backbone(self) -> nn.Module:
