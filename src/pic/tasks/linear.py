@@ -13,8 +13,8 @@ the paper's table (the ``experiment`` configs do this).
 
 from __future__ import annotations
 
-import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,14 @@ from ..engine.trainer import resolve_device
 from ..logging.history import MetricHistory
 from ..models.linear_probe import LinearProbe
 from ..provenance import provenance
-from .common import eval_splits, make_logger, train_sampler, write_results
+from .common import (
+    Continued,
+    eval_splits,
+    evaluate_pretrained,
+    make_logger,
+    train_sampler,
+    write_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +101,11 @@ class LinearEval:
         self.protocol, self.probe = protocol, probe
 
     def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-        if not self.pretrain_first:
-            if not cfg.pretrained:
-                raise ValueError("task=linear needs pretrained=PATH (a current.pth of a pretraining"
-                                 " run), or task.pretrain_first=true to pretrain in this run")
-            return self.evaluate_checkpoint(cfg, Path(cfg.pretrained), out_dir)
-        if cfg.pretrained:
-            raise ValueError(f"task.pretrain_first=true pretrains in this run; pretrained="
-                             f"{cfg.pretrained} would be ignored: drop one of the two")
-        results = _pretrain(cfg, out_dir)
-        if results.get("stopped_by"):
-            return results
-        # One experiment, one W&B run: the evaluation continues the pretraining's run.
-        linear = self.evaluate_checkpoint(cfg, out_dir / "current.pth", out_dir / "linear",
-                                          (results.get("run_id"), out_dir, results["steps"]))
-        results.update({k: v for k, v in linear.items() if k.startswith("linear_")})
-        write_results(out_dir, results)
-        return results
+        return evaluate_pretrained(cfg, out_dir, "linear", self.pretrain_first,
+                                   partial(self.evaluate_checkpoint, cfg))
 
     def evaluate_checkpoint(self, cfg: DictConfig, pretrained: Path, out_dir: Path,
-                            continued: tuple[str | None, Path, int] | None = None
-                            ) -> dict[str, Any]:
+                            continued: Continued | None = None) -> dict[str, Any]:
         """Train and evaluate a probe on ``pretrained``'s backbone; results in ``out_dir``.
         ``continued``: (run id, run dir, steps) of the pretraining whose logger run the
         evaluation continues, under ``linear/`` names."""
@@ -144,7 +135,7 @@ class LinearEval:
         return {f"linear_{k}": v for k, v in scores.items()}
 
     def _augmented(self, cfg: DictConfig, backbone: torch.nn.Module, out_dir: Path,
-                   continued: tuple[str | None, Path, int] | None) -> dict[str, Any]:
+                   continued: Continued | None) -> dict[str, Any]:
         trainer = instantiate(cfg.trainer, epochs=self.epochs, batch_size=self.batch_size)
         data = instantiate(cfg.data)
         augment = AUGMENTATIONS[self.augmentation](data.image_size, data.mean, data.std)
@@ -192,15 +183,3 @@ class LinearEval:
         logger.finish()
         return results
 
-
-def _pretrain(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """``task=pretrain`` in ``out_dir``, skipped when a run of the whole schedule is there."""
-    from .pretrain import Pretrain
-
-    done = out_dir / "results.json"
-    if cfg.auto_resume and done.is_file():
-        results = json.loads(done.read_text())
-        if results["steps"] >= results["total_steps"]:
-            log.info("pretraining in %s already completed: evaluating it", out_dir)
-            return results
-    return Pretrain().run(cfg, out_dir)
