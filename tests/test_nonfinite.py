@@ -129,6 +129,17 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(("precision", "hint"), [("fp32", "size, or corrupt"),
+                                               ("bf16", "bf16 rounding (try trainer."
+                                                        "precision=fp32)")])
+def test_the_hint_names_the_precision_in_use(tmp_path: Path, precision: str, hint: str) -> None:
+    """A bf16 or fp32 run is never told to try bf16 against fp16 overflow."""
+    with pytest.raises(NonFiniteError) as stopped:
+        fit(Flaky(nan_loss=set(range(9)), inf_grad=set()), tmp_path, 8, max_bad_steps=1,
+            precision=precision)
+    assert hint in str(stopped.value) and "fp16" not in str(stopped.value)
+
+
 def test_a_skipped_step_leaves_every_tensor_untouched(tmp_path: Path) -> None:
     model = BNFlaky(nan_loss={3, 4, 8})
     assert len(model.forward_state()) == 3  # running mean, variance and count
