@@ -4,9 +4,11 @@ The whole network — a checkpoint's backbone and a new linear layer — is fine
 class-balanced, seeded subset of the training labels (``label_fraction`` of each class,
 at least one image per class), then top-1/top-5 are measured on the validation split after every
 epoch. The subset is written to ``<run dir>/label_subset.json`` before training and read back
-on a resume. Defaults are SimCLR's fine-tuning protocol (its appendix B.5): Nesterov SGD,
-momentum 0.9, lr 0.05 per 256 images (0.8 at batch 4096), no warmup, no weight decay, random
-resized crop + flip only; 60 epochs for 1% of the labels, 30 for 10% (``task.epochs``).
+on a resume. Defaults follow SimCLR's fine-tuning (sources in ``conf/experiment/semi_*.yaml``):
+Nesterov SGD, momentum 0.9, lr 0.05 per 256 images (0.8 at batch 4096), cosine, no warmup, no
+weight decay, random resized crop + flip only; 60 epochs for 1% of the labels, 30 for 10%
+(``task.epochs``). ``task.pretrain_first=true`` pretrains in the run directory first, as
+``task=linear`` does (:func:`~pic.tasks.common.evaluate_pretrained`).
 """
 
 from __future__ import annotations
@@ -22,24 +24,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from .. import dist
-from ..config import config_dict
 from ..data import transforms
-from ..data.samplers import EpochSampler
 from ..engine.checkpoint import atomic_write_text, load_backbone, seed_everything
 from ..engine.optim import sgd
 from ..engine.schedules import Cosine
-from ..logging.history import MetricHistory
 from ..models.linear_probe import LinearProbe
 from ..provenance import provenance
-from .common import (
-    Continued,
-    eval_splits,
-    evaluate_pretrained,
-    make_logger,
-    train_sampler,
-    write_results,
-)
-from .linear import evaluate
+from .common import Continued, eval_splits, evaluate_pretrained, write_results
+from .linear import fit_probe
 
 log = logging.getLogger(__name__)
 
@@ -157,45 +149,20 @@ class FineTune:
                         data.num_classes, labels[train_set.indices]).to(trainer.device)
         optimizer = sgd(net, self.batch_size, self.lr, self.momentum, self.weight_decay,
                         self.nesterov)
-        history = MetricHistory(out_dir / "finetune_history.json", cfg.auto_resume)
-
-        def record(passes: float) -> dict[str, float]:
-            scores = evaluate(net, val_set, trainer.per_rank_batch(), trainer.device,
-                              trainer.num_workers)
-            history.record(passes, scores)
-            return {f"val_{k}": v for k, v in scores.items()}
-
-        logger = make_logger(cfg)
-        if continued is not None:
-            logger.continue_run(*continued, prefix="finetune/")
-        origin = provenance(full)
-        summary = trainer.fit(net, train_set, train_sampler(EpochSampler, train_set, cfg.seed),
-                              optimizer, Cosine(warmup_epochs=0.0), out_dir, logger, cfg.seed,
-                              resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg),
-                              provenance=origin, allow_dataset_change=cfg.allow_dataset_change)
-        if summary["stopped_by"]:
-            logger.finish()  # the requeued attempt resumes this W&B run: release it now
-            return summary
-        if summary["epochs"] not in history:
-            logger.log(record(summary["epochs"]), summary["steps"])
-        results = self._results(history.rows(until=summary["epochs"]), summary, train_set,
-                                pretrained, origin)
-        logger.summary({k: v for k, v in results.items() if k != "finetune_history"})
-        logger.finish()
-        write_results(out_dir, results)
+        results = fit_probe(cfg, trainer, net, train_set, val_set, optimizer,
+                            Cosine(warmup_epochs=0.0), out_dir, "finetune", provenance(full),
+                            continued, partial(self._scores, train_set, pretrained))
+        if not results["stopped_by"]:
+            write_results(out_dir, results)
+            if dist.is_main():
+                print(f"fine-tuned on {len(train_set)} labels ({self.label_fraction:g}): top-1 "
+                      f"{results['finetune_top1']:.2f}%  top-5 {results['finetune_top5']:.2f}%",
+                      flush=True)
         return results
 
-    def _results(self, rows: list[dict[str, float]], summary: dict[str, Any],
-                 train_set: LabelSubset, pretrained: Path, origin: dict[str, Any]
-                 ) -> dict[str, Any]:
-        """The run's results from its history ``rows`` and the trainer's ``summary``; printed
-        on rank 0."""
-        results = {"finetune_top1": rows[-1]["top1"], "finetune_top5": rows[-1]["top5"],
-                   "finetune_history": rows, "label_fraction": self.label_fraction,
-                   "num_labelled": len(train_set), "pretrained": str(pretrained), **origin,
-                   **{k: v for k, v in summary.items() if k != "loss_history"}}
-        if dist.is_main():
-            print(f"fine-tuned on {len(train_set)} labels ({self.label_fraction:g}): top-1 "
-                  f"{results['finetune_top1']:.2f}%  top-5 {results['finetune_top5']:.2f}%",
-                  flush=True)
-        return results
+    def _scores(self, train_set: LabelSubset, pretrained: Path, rows: list[dict[str, float]]
+                ) -> dict[str, Any]:
+        """The final epoch's scores of the history ``rows`` and what was fine-tuned on."""
+        return {"finetune_top1": rows[-1]["top1"], "finetune_top5": rows[-1]["top5"],
+                "label_fraction": self.label_fraction, "num_labelled": len(train_set),
+                "pretrained": str(pretrained)}

@@ -14,6 +14,7 @@ the paper's table (the ``experiment`` configs do this).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from ..engine.features import eval_mode, extract_features, rank_loader
 from ..engine.optim import sgd
 from ..engine.probe import FeatureProbe
 from ..engine.schedules import Cosine
-from ..engine.trainer import resolve_device
+from ..engine.trainer import Trainer, resolve_device
 from ..logging.history import MetricHistory
 from ..models.linear_probe import LinearProbe
 from ..provenance import provenance
@@ -144,42 +145,59 @@ class LinearEval:
         labels = torch.tensor([train_set.label(i) for i in range(len(train_set))])
         probe = LinearProbe(backbone, data.num_classes, labels, self.bn_train_mode,
                             self.batch_norm).to(trainer.device)
-        sampler = train_sampler(EpochSampler, train_set, cfg.seed)
         optimizer = sgd(probe, self.batch_size, self.lr, self.momentum, self.weight_decay)
-        history = MetricHistory(out_dir / "linear_history.json", cfg.auto_resume)
+        return fit_probe(cfg, trainer, probe, train_set, val_set, optimizer,
+                         Cosine(warmup_epochs=self.warmup_epochs), out_dir, "linear",
+                         provenance(train_set), continued, self._scores)
 
-        def record(passes: float) -> dict[str, float]:
-            scores = evaluate(probe, val_set, trainer.per_rank_batch(), trainer.device,
-                              trainer.num_workers)
-            history.record(passes, scores)
-            log.info("linear epoch %.2f: top-1 %.2f%%, top-5 %.2f%%", passes, scores["top1"],
-                     scores["top5"])
-            return {f"val_{k}": v for k, v in scores.items()}
-
-        logger = make_logger(cfg)
-        if continued is not None:
-            logger.continue_run(*continued, prefix="linear/")
-        origin = provenance(train_set)
-        summary = trainer.fit(probe, train_set, sampler, optimizer,
-                              Cosine(warmup_epochs=self.warmup_epochs), out_dir, logger, cfg.seed,
-                              resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg),
-                              provenance=origin, allow_dataset_change=cfg.allow_dataset_change)
-        if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
-            logger.finish()  # the requeued attempt resumes this W&B run: release it now
-            return summary
-        if summary["epochs"] not in history:  # stopped between epochs (max_steps, preemption)
-            logger.log(record(summary["epochs"]), summary["steps"])
-        rows = history.rows(until=summary["epochs"])
+    def _scores(self, rows: list[dict[str, float]]) -> dict[str, Any]:
+        """The final and the best epoch's scores of the history ``rows``, and the protocol."""
         best = max(rows, key=lambda r: r["top1"])
-        results = {
-            "linear_top1": rows[-1]["top1"], "linear_top5": rows[-1]["top5"],
-            "linear_best_top1": best["top1"], "linear_best_top5": best["top5"],
-            "linear_best_epoch": best["epoch"], "linear_history": rows,
-            "bn_train_mode": self.bn_train_mode, "augmentation": self.augmentation,
-            "batch_norm": self.batch_norm, **origin,
-            **{k: v for k, v in summary.items() if k != "loss_history"},
-        }
-        logger.summary({k: v for k, v in results.items() if k != "linear_history"})
-        logger.finish()
-        return results
+        return {"linear_top1": rows[-1]["top1"], "linear_top5": rows[-1]["top5"],
+                "linear_best_top1": best["top1"], "linear_best_top5": best["top5"],
+                "linear_best_epoch": best["epoch"], "bn_train_mode": self.bn_train_mode,
+                "augmentation": self.augmentation, "batch_norm": self.batch_norm}
 
+
+Dataset = torch.utils.data.Dataset
+
+
+def fit_probe(cfg: DictConfig, trainer: Trainer, net: LinearProbe, train_set: Dataset,
+              val_set: Dataset, optimizer: torch.optim.Optimizer, schedule: Any, out_dir: Path,
+              phase: str, origin: dict[str, Any], continued: Continued | None,
+              scores_of: Callable[[list[dict[str, float]]], dict[str, Any]]) -> dict[str, Any]:
+    """Train ``net`` (a probe, or a network fine-tuned whole) on ``train_set`` by ``trainer``,
+    scored on ``val_set`` after every epoch and at the end; the scores' curve is
+    ``<out_dir>/<phase>_history.json`` (resumable). Returns the trainer's summary (which says
+    whether a stop request ended the run) with ``<phase>_history``, ``origin`` (the data's
+    provenance) and ``scores_of(history rows)``, all but the history in the logger run's
+    summary. ``continued``: the pretraining whose logger run this continues, under
+    ``<phase>/`` names."""
+    history = MetricHistory(out_dir / f"{phase}_history.json", cfg.auto_resume)
+
+    def record(passes: float) -> dict[str, float]:
+        scores = evaluate(net, val_set, trainer.per_rank_batch(), trainer.device,
+                          trainer.num_workers)
+        history.record(passes, scores)
+        log.info("%s epoch %.2f: top-1 %.2f%%, top-5 %.2f%%", phase, passes, scores["top1"],
+                 scores["top5"])
+        return {f"val_{k}": v for k, v in scores.items()}
+
+    logger = make_logger(cfg)
+    if continued is not None:
+        logger.continue_run(*continued, prefix=f"{phase}/")
+    summary = trainer.fit(net, train_set, train_sampler(EpochSampler, train_set, cfg.seed),
+                          optimizer, schedule, out_dir, logger, cfg.seed, resume=cfg.auto_resume,
+                          epoch_end=record, config=config_dict(cfg), provenance=origin,
+                          allow_dataset_change=cfg.allow_dataset_change)
+    if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
+        logger.finish()  # the requeued attempt resumes this W&B run: release it now
+        return summary
+    if summary["epochs"] not in history:  # stopped between epochs (max_steps, preemption)
+        logger.log(record(summary["epochs"]), summary["steps"])
+    rows = history.rows(until=summary["epochs"])
+    results = {**scores_of(rows), f"{phase}_history": rows, **origin,
+               **{k: v for k, v in summary.items() if k != "loss_history"}}
+    logger.summary({k: v for k, v in results.items() if k != f"{phase}_history"})
+    logger.finish()
+    return results
