@@ -250,8 +250,8 @@ class Trainer:
         if self.max_steps is not None:
             last_step = min(last_step, self.max_steps)
         self.prepare(model)
-        model.attach(optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        model.attach(optimizer, self.scaler)
         ckpt = Checkpointer(Path(out_dir) / "current.pth", model, optimizer, self.scaler, config,
                             provenance, allow_dataset_change)
         self._watched = watched(model)

@@ -14,9 +14,10 @@ class Trainable(nn.Module):
     """What the trainer drives: ``forward(crops, index) -> (loss, metrics)`` and three hooks,
     each a no-op unless a method needs it. The trainer calls them always, in this order:
 
-    - :meth:`attach` once, before the first step, with the optimizer of the run: a method that
-      updates state of its own (a sampled classifier's rows) reads each step's learning rate,
-      momentum and weight decay from its ``param_groups`` (one source of truth);
+    - :meth:`attach` once, before the first step, with the optimizer and the loss scaler of
+      the run: a method that updates state of its own (a sampled classifier's rows) reads each
+      step's learning rate, momentum and weight decay from its ``param_groups`` (one source of
+      truth) and unscales its fp16 gradient by the scaler's scale;
     - :meth:`after_step` after every optimizer step that was applied (a skipped step, with a
       non-finite loss or gradient, calls nothing). What ``forward`` produced for the update
       (keys to enqueue, bank rows, classifier rows) is kept by the method until then;
@@ -29,8 +30,10 @@ class Trainable(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called once by the trainer, before training, with the run's optimizer."""
+    def attach(self, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None = None) -> None:
+        """Called once by the trainer, before training, with the run's optimizer and loss
+        scaler (fp16: a method applying gradients itself divides them by its scale)."""
 
     def after_step(self) -> None:
         """Called after every applied optimizer step (EMA updates, bank/queue/row updates)."""

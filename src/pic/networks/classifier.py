@@ -53,8 +53,9 @@ class InstanceClassifier(nn.Module):
         """The rows to score against (C×D) and each label's row in them (B)."""
         return self.weight, labels
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Nothing to do: the optimizer holds W."""
+    def attach(self, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None = None) -> None:
+        """Nothing to do: the optimizer holds W (and the scaler unscales its gradient)."""
 
     def after_step(self) -> None:
         """Nothing to do: the global optimizer updates W."""
@@ -119,6 +120,7 @@ class SampledInstanceClassifier(DeferredUpdate, nn.Module):
         self.num_negatives = num_instances if num_negatives is None else num_negatives
         self.sampling, self.weight_correction = sampling, weight_correction
         self._optimizer: torch.optim.Optimizer | None = None  # from attach()
+        self._scaler: torch.amp.GradScaler | None = None
         self.order_seed = order_seed
         path = None if storage_dir is None else Path(storage_dir) / "pic_classifier.table"
         self.store = RowTable(num_instances, dim, dtype, storage, path)
@@ -158,12 +160,6 @@ class SampledInstanceClassifier(DeferredUpdate, nn.Module):
         negatives. The step's :class:`StepRows` wait (deferred) for :meth:`after_step`, which
         applies their gradient only if the step is taken.
         """
-        kind = labels.device.type
-        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
-            # fp16 training scales the loss; the scaler unscales only the optimizer's
-            # parameters, so these rows would be updated with a scaled gradient.
-            raise ValueError("model.num_negatives / model.classifier_storage=host|mmap do not "
-                             "support trainer.precision=fp16 (gradient scaling); use bf16")
         self._start()
         positives = self.rows_of(dist.all_gather(labels))
         if self.num_negatives >= self.num_instances:
@@ -196,12 +192,14 @@ class SampledInstanceClassifier(DeferredUpdate, nn.Module):
         c = c.to(w.device, w.dtype)[:, :, None]
         return c[2] * b + c[3] * w, c[0] * b + c[1] * w
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None = None) -> None:
         """Apply ``optimizer``'s SGD to the rows: its m, λ and each step's lr (plain momentum
-        SGD only: checked)."""
+        SGD only: checked). ``scaler``: the run's fp16 loss scaler, whose scale the rows'
+        gradient is divided by (it unscales only the optimizer's parameters)."""
         plain_sgd_group(optimizer, "the sampled PIC classifier (model.num_negatives / "
                         "model.classifier_storage=host|mmap)")
-        self._optimizer = optimizer
+        self._optimizer, self._scaler = optimizer, scaler
 
     @property
     def group(self) -> dict[str, Any]:
@@ -221,6 +219,11 @@ class SampledInstanceClassifier(DeferredUpdate, nn.Module):
         lr, m, lam = self.group["lr"], self.group["momentum"], self.group["weight_decay"]
         rows, raw, w, b, leaf, positives = step
         grad = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
+        if self._scaler is not None and self._scaler.is_enabled():
+            # The rows and the loss are fp32 under fp16 autocast, so the scaled gradient is
+            # finite whenever the step is (the trainer checked); dividing by a power of two is
+            # exact.
+            grad = grad / self._scaler.get_scale()
         # The mean over ranks, like DDP does for parameters: rows stay identical everywhere.
         grad = dist.all_reduce_mean(grad).to(w.device)
         # Same operations in the same order as torch.optim.SGD (dampening 0, no Nesterov).
