@@ -11,7 +11,7 @@ from ..networks.heads import MultiCropEncoder, projection_head
 
 
 class Trainable(nn.Module):
-    """What the trainer drives: ``forward(crops, index) -> (loss, metrics)`` and three hooks,
+    """What the trainer drives: ``forward(crops, index) -> (loss, metrics)`` and four hooks,
     each a no-op unless a method needs it. The trainer calls them always, in this order:
 
     - :meth:`attach` once, before the first step, with the optimizer and the loss scaler of
