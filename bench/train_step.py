@@ -78,7 +78,7 @@ class Setup:
                                  num_instances=num_instances).to(self.trainer.device)
         self.optimizer = instantiate(cfg.optimizer, model=self.model,
                                      batch_size=self.trainer.batch_size)
-        self.model.attach(self.optimizer)  # as Trainer.fit does before the first step
+        self.model.attach(self.optimizer, self.trainer.scaler)  # as Trainer.fit does
         self.lr_at = instantiate(cfg.schedule)(self.optimizer.defaults["lr"], 10_000, 100.0)
 
 

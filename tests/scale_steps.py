@@ -52,7 +52,7 @@ def sampled_step(clf: SampledInstanceClassifier, step: int, b: int) -> torch.Ten
     feats, labels = batch(step, clf.num_instances, b)
     rows, pos = clf(labels)
     instance_classification_loss(feats, rows, pos, TAU).backward()
-    return instances(clf, clf._pending[0])
+    return instances(clf, clf._update.rows)
 
 
 def instances(clf: SampledInstanceClassifier, rows: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, crops: list[torch.T
     """What the trainer does in one step (DDP wrap when distributed); returns the loss."""
     net = model
     if torch_dist.is_initialized():
-        net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        net = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
     model.attach(opt)
     dtype = PRECISIONS[precision]
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):

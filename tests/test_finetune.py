@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from pic.data.samplers import EpochSampler
 from pic.engine.checkpoint import load_checkpoint
 from pic.tasks.finetune import LabelSubset, balanced_subset
 
@@ -41,6 +42,29 @@ def test_label_subset_renumbers_items() -> None:
     subset = LabelSubset(images, [7, 2])
     assert len(subset) == 2 and subset[0]["index"] == 0
     assert torch.equal(subset[0]["crops"][0], images[7]["crops"][0])
+
+
+def test_label_subset_lists_the_items_this_ranks_cache_holds() -> None:
+    """With data.cache_mode=part (rank 1 of 2 holds the odd indices), the sampler draws only
+    subset items this rank holds, and as many per epoch as every other rank."""
+    images = TinyImages(12)
+    images.rank_indices = list(range(1, 12, 2))
+    subset = LabelSubset(images, [0, 1, 2, 3, 5, 7, 8], world_size=2)
+    assert subset.rank_indices == [1, 3, 4, 5]  # the positions of 1, 3, 5, 7
+    few = LabelSubset(images, [0, 2, 4, 6, 1], world_size=2)
+    assert few.rank_indices == [4, 4]  # holds one of 5: repeated up to 5 // 2 draws
+    for part in (subset, few):
+        sampler = EpochSampler(len(part), seed=0, rank=1, world_size=2,
+                               indices=part.rank_indices)
+        drawn = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            drawn += [part.indices[i] for i in sampler]
+        assert drawn and set(drawn) <= set(images.rank_indices)
+        assert len(drawn) == 3 * (len(part) // 2)
+    with pytest.raises(ValueError, match="holds none of the 2 labelled images"):
+        LabelSubset(images, [0, 2], world_size=2)
+    assert LabelSubset(TinyImages(4), [1, 2]).rank_indices is None  # no per-rank cache
 
 
 def run(tmp: Path, *overrides: str) -> dict:
@@ -80,3 +104,26 @@ def test_semi_supervised_rows_have_simclrs_settings(name: str, fraction: float,
     assert (task.label_fraction, task.epochs, task.batch_size) == (fraction, epochs, 4096)
     assert (task.lr * task.batch_size / 256, task.momentum, task.nesterov,
             task.weight_decay) == (0.8, 0.9, True, 0.0)
+
+
+def test_pretrain_first_pretrains_then_fine_tunes_its_checkpoint(tmp_path: Path) -> None:
+    """task.pretrain_first=true, as for task=linear: the pretraining runs in the run dir, the
+    fine-tuning of its current.pth in <run dir>/finetune, and the run's results.json has both."""
+    small = [o for o in RUN if not o.startswith("task.")] + [
+        "task.pretrain_first=true", "task.label_fraction=0.25", "task.batch_size=16",
+        "task.epochs=1", "trainer.batch_size=64", "trainer.epochs=1", "eval.k=5"]
+    cfg = compose_config(*small)
+    results = instantiate(cfg.task).run(cfg, tmp_path)
+    tuned = json.loads((tmp_path / "finetune" / "results.json").read_text())
+    assert tuned["pretrained"] == str(tmp_path / "current.pth") and tuned["steps"] == 3
+    assert results["steps"] == 3 and results["method"] == "pic.models.pic.PIC"
+    assert results["finetune_top1"] == tuned["finetune_top1"]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert (tmp_path / "finetune" / "label_subset.json").is_file()
+
+    cfg = compose_config(*small, f"pretrained={tmp_path / 'current.pth'}")
+    with pytest.raises(ValueError, match="drop one of the two"):
+        instantiate(cfg.task).run(cfg, tmp_path / "other")
+    cfg = compose_config(*[o for o in small if o != "task.pretrain_first=true"])
+    with pytest.raises(ValueError, match="task=finetune needs pretrained=PATH"):
+        instantiate(cfg.task).run(cfg, tmp_path / "other")

@@ -21,7 +21,7 @@ from pic.models.linear_probe import LinearProbe
 from pic.models.pic import PIC
 from pic.networks.resnet import TinyResNet
 from pic.tasks.common import eval_splits
-from pic.tasks.linear import evaluate
+from pic.tasks.linear import LinearEval, evaluate
 
 WIDTHS = [8, 16, 32]
 SMALL_RUN = [
@@ -194,6 +194,18 @@ def test_linear_errors(tmp_path: Path) -> None:
                       "task.pretrain_first=true")
     with pytest.raises(ValueError, match="drop one of the two"):
         instantiate(cfg.task).run(cfg, tmp_path / "d")
+
+
+def test_pretrain_first_returns_a_stop_of_its_evaluation(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preempted while evaluating (the pretraining done), the run says it stopped, so that a
+    SLURM job requeues itself (it used to return the pretraining's results, as if done)."""
+    (tmp_path / "results.json").write_text(json.dumps({"steps": 6, "total_steps": 6}))
+    stopped = {"stopped_by": "SIGUSR1", "steps": 1}
+    monkeypatch.setattr(LinearEval, "evaluate_checkpoint", lambda *args: stopped)
+    cfg = compose_cfg(*SMALL_RUN, "task.pretrain_first=true")
+    assert instantiate(cfg.task).run(cfg, tmp_path)["stopped_by"] == "SIGUSR1"
+    assert json.loads((tmp_path / "results.json").read_text()) == {"steps": 6, "total_steps": 6}
 
 
 def test_knn_task_names_a_mismatched_backbone(tmp_path: Path) -> None:

@@ -129,6 +129,17 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(("precision", "hint"), [("fp32", "size, or corrupt"),
+                                               ("bf16", "bf16 rounding (try trainer."
+                                                        "precision=fp32)")])
+def test_the_hint_names_the_precision_in_use(tmp_path: Path, precision: str, hint: str) -> None:
+    """A bf16 or fp32 run is never told to try bf16 against fp16 overflow."""
+    with pytest.raises(NonFiniteError) as stopped:
+        fit(Flaky(nan_loss=set(range(9)), inf_grad=set()), tmp_path, 8, max_bad_steps=1,
+            precision=precision)
+    assert hint in str(stopped.value) and "fp16" not in str(stopped.value)
+
+
 def test_a_skipped_step_leaves_every_tensor_untouched(tmp_path: Path) -> None:
     model = BNFlaky(nan_loss={3, 4, 8})
     assert len(model.forward_state()) == 3  # running mean, variance and count
@@ -275,11 +286,24 @@ def test_pic_loss_is_fp32_in_a_bf16_model() -> None:
     assert loss.item() == pytest.approx(expected, abs=fp32_loss_tolerance(16, 0.01, expected))
 
 
-def test_sampled_classifier_refuses_fp16_gradient_scaling() -> None:
-    torch.manual_seed(0)
-    model = PIC(TinyBackbone(), 32, feature_dim=16, num_negatives=4)
-    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="fp16"):
-        model([torch.randn(4, 3, 4, 4)], torch.arange(4))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = model([torch.randn(4, 3, 4, 4)], torch.arange(4))
-    assert loss.dtype == torch.float32
+def test_sampled_classifier_rows_take_the_unscaled_fp16_gradient(tmp_path: Path) -> None:
+    """Under fp16 (autocast + loss scaling, as precision=auto picks on V100/T4) the sampled
+    classifier's rows move exactly as with the loss unscaled: the scale (a power of two; 2^8,
+    as 2^16 overflows this tiny network's fp16 backward) divides their fp32 gradient exactly."""
+    rows = []
+    for scaled in (True, False):
+        torch.manual_seed(0)
+        model = PIC(TinyBackbone(), 32, feature_dim=16, num_negatives=4)
+        trainer = Trainer(precision="fp16", device="cpu", num_workers=0, progress=False)
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=scaled)
+        optimizer = sgd(model, 8, lr=0.5)
+        model.attach(optimizer, trainer.scaler)
+        before = model.classifier.current()[0]
+        batch = {"crops": [torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))],
+                 "index": torch.arange(8)}
+        finite, _, metrics = trainer.train_step(model, model, optimizer, batch, 0.5)
+        assert finite and metrics["loss"].dtype == torch.float32
+        assert trainer.scaler.get_scale() == (2.0**8 if scaled else 1.0)
+        rows.append(model.classifier.current()[0])
+    assert not torch.equal(rows[0][:8], before[:8])  # the step's rows moved
+    assert torch.equal(rows[0], rows[1])

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -384,3 +385,16 @@ def test_the_step_benchmark_runs(args: list[str], capsys: pytest.CaptureFixture)
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) >= 3, table  # header + one row per method or option
+
+
+def test_the_ddp_wrap_uses_no_deprecated_argument(tmp_path: Path) -> None:
+    """torch 2.14 deprecates DDP's broadcast_buffers (a FutureWarning at every run's start)."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            net = Trainer(device="cpu", num_workers=0)._wrap(nn.Linear(2, 2))
+        assert isinstance(net, nn.parallel.DistributedDataParallel)
+    finally:
+        torch.distributed.destroy_process_group()

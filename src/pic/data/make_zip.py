@@ -10,12 +10,12 @@ are the positions of the sorted train class names, so both formats give identica
 
 from __future__ import annotations
 
-import argparse
 import sys
 import zipfile
 from pathlib import Path
 
 from .folder import list_classes, scan_folder
+from .tool import run_tool
 
 
 def make_zip(src: Path, dst: Path) -> dict[str, int]:
@@ -39,22 +39,14 @@ def make_zip(src: Path, dst: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pic.data.make_zip",
-        description="Convert an image folder tree (SRC/{train,val}/<class>/*) into the zip "
-        "format: DST/{train,val}.zip + DST/{train,val}_map.txt.",
-    )
-    parser.add_argument("src", type=Path, help="folder with train/<class>/* and val/<class>/*")
-    parser.add_argument("dst", type=Path, help="output folder (created if missing)")
-    args = parser.parse_args(argv)
-    try:
-        counts = make_zip(args.src, args.dst)
-    except (OSError, ValueError) as err:
-        print(f"make_zip: error: {err}", file=sys.stderr)
-        return 1
-    for split, n in counts.items():
-        print(f"{args.dst / (split + '.zip')}: {n} images")
-    return 0
+    def work(src: Path, dst: Path) -> str:
+        counts = make_zip(src, dst)
+        return "\n".join(f"{dst / (split + '.zip')}: {n} images" for split, n in counts.items())
+
+    return run_tool("make_zip", "Convert an image folder tree (SRC/{train,val}/<class>/*) into "
+                    "the zip format: DST/{train,val}.zip + DST/{train,val}_map.txt.",
+                    {"src": "folder with train/<class>/* and val/<class>/*",
+                     "dst": "output folder (created if missing)"}, work, argv)
 
 
 if __name__ == "__main__":

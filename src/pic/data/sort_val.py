@@ -9,9 +9,10 @@ Everything is checked before anything moves, so a bad map file leaves the folder
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from .tool import run_tool
 
 
 def read_moves(flat_dir: Path, map_file: Path) -> list[tuple[Path, Path]]:
@@ -56,21 +57,15 @@ def sort_val(flat_dir: Path, map_file: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pic.data.sort_val",
-        description="Move flat validation images into class folders: each MAP_FILE line "
-        "'<file name> <class>' moves FLAT_DIR/<file name> to FLAT_DIR/<class>/<file name>.",
-    )
-    parser.add_argument("flat_dir", type=Path, help="folder holding the images")
-    parser.add_argument("map_file", type=Path, help="lines '<file name> <class folder name>'")
-    args = parser.parse_args(argv)
-    try:
-        moved = sort_val(args.flat_dir, args.map_file)
-    except (OSError, ValueError) as err:
-        print(f"sort_val: error: {err}", file=sys.stderr)
-        return 1
-    print(f"moved {moved} images into class folders under {args.flat_dir}")
-    return 0
+    def work(flat_dir: Path, map_file: Path) -> str:
+        moved = sort_val(flat_dir, map_file)
+        return f"moved {moved} images into class folders under {flat_dir}"
+
+    return run_tool("sort_val", "Move flat validation images into class folders: each MAP_FILE "
+                    "line '<file name> <class>' moves FLAT_DIR/<file name> to "
+                    "FLAT_DIR/<class>/<file name>.",
+                    {"flat_dir": "folder holding the images",
+                     "map_file": "lines '<file name> <class folder name>'"}, work, argv)
 
 
 if __name__ == "__main__":

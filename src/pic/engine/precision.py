@@ -77,3 +77,11 @@ def emulated_bf16_warning(precision: str, hw: Hardware) -> str | None:
         return None
     return (f"trainer.precision=bf16 without native bf16 ({hw.describe_bf16()}): bf16 is "
             "emulated here, likely ~10x slower than fp32; use trainer.precision=auto or fp32")
+
+
+def non_finite_hint(precision: str) -> str:
+    """The precision's part of a non-finite loss's likely causes: fp16 overflows (bf16 has
+    fp32's range), bf16 rounds to 8 bits of mantissa, fp32 is the reference (no hint)."""
+    return {"fp16": "fp16 overflow (try trainer.precision=bf16 where the hardware has it, or "
+                    "fp32), ",
+            "bf16": "bf16 rounding (try trainer.precision=fp32), "}.get(precision, "")

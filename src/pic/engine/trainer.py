@@ -22,7 +22,13 @@ from . import signals
 from .checkpoint import Checkpointer, TrainState
 from .health import DivergenceError, Snapshot, diverged, first_non_finite, watched
 from .loader import Plan, run_loader
-from .precision import PRECISIONS, Hardware, choose_precision, emulated_bf16_warning
+from .precision import (
+    PRECISIONS,
+    Hardware,
+    choose_precision,
+    emulated_bf16_warning,
+    non_finite_hint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +179,11 @@ class Trainer:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Buffers (banks, queues) are kept identical by the methods themselves; broadcasting
-        # them from rank 0 every step would cost an N×D copy.
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # them from rank 0 every step would cost an N×D copy. They are synced once here, at the
+        # wrap (what forward_sync_buffers=False keeps): every rank has just built or restored
+        # the same ones, so that copy changes nothing. (broadcast_buffers is deprecated.)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                   forward_sync_buffers=False)
 
     # ------------------------------------------------------------------ the loop
     def train_step(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -241,8 +250,8 @@ class Trainer:
         if self.max_steps is not None:
             last_step = min(last_step, self.max_steps)
         self.prepare(model)
-        model.attach(optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        model.attach(optimizer, self.scaler)
         ckpt = Checkpointer(Path(out_dir) / "current.pth", model, optimizer, self.scaler, config,
                             provenance, allow_dataset_change)
         self._watched = watched(model)
@@ -319,8 +328,8 @@ class Trainer:
             raise NonFiniteError(
                 f"{self._consecutive_bad} consecutive steps up to step {state.step - 1} had a "
                 f"non-finite loss or gradient (lr {lr:.3g}, precision {self.precision}). "
-                "Likely causes: a learning rate too high for this batch size, fp16 "
-                "overflow (try trainer.precision=bf16), or corrupt input data. "
+                "Likely causes: a learning rate too high for this batch size, "
+                f"{non_finite_hint(self.precision)}or corrupt input data. "
                 f"The last good checkpoint {ckpt_path} is intact.")
 
     def _progress_bar(self, step: int, last_step: int) -> Any:
@@ -376,9 +385,10 @@ class Trainer:
         if self._any_rank(reason is not None):
             raise DivergenceError(
                 f"training diverged at step {state.step}: {reason or 'seen by another rank'} "
-                f"(lr {lr:.3g}, precision {self.precision}). Likely causes: a learning rate too "
-                f"high for this batch size, or fp16 overflow. {ckpt.path} holds step "
-                f"{ckpt.saved_step}, saved before this was detected.")
+                f"(lr {lr:.3g}, precision {self.precision}). Likely causes: "
+                f"{non_finite_hint(self.precision)}a learning rate too high for this batch "
+                f"size. {ckpt.path} holds step {ckpt.saved_step}, saved before this was "
+                "detected.")
 
     def _any_rank(self, flag: bool) -> bool:
         return bool(dist.all_reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from ..networks.batchnorm import convert_batchnorm
+from ..networks.deferred import DeferredUpdate
 from ..networks.heads import MultiCropEncoder, projection_head
 
 
 class Trainable(nn.Module):
-    """What the trainer drives: ``forward(crops, index) -> (loss, metrics)`` and three hooks,
+    """What the trainer drives: ``forward(crops, index) -> (loss, metrics)`` and four hooks,
     each a no-op unless a method needs it. The trainer calls them always, in this order:
 
-    - :meth:`attach` once, before the first step, with the optimizer of the run: a method that
-      updates state of its own (a sampled classifier's rows) reads each step's learning rate,
-      momentum and weight decay from its ``param_groups`` (one source of truth);
+    - :meth:`attach` once, before the first step, with the optimizer and the loss scaler of
+      the run: a method that updates state of its own (a sampled classifier's rows) reads each
+      step's learning rate, momentum and weight decay from its ``param_groups`` (one source of
+      truth) and unscales its fp16 gradient by the scaler's scale;
     - :meth:`after_step` after every optimizer step that was applied (a skipped step, with a
       non-finite loss or gradient, calls nothing). What ``forward`` produced for the update
       (keys to enqueue, bank rows, classifier rows) is kept by the method until then;
@@ -30,8 +30,10 @@ class Trainable(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called once by the trainer, before training, with the run's optimizer."""
+    def attach(self, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None = None) -> None:
+        """Called once by the trainer, before training, with the run's optimizer and loss
+        scaler (fp16: a method applying gradients itself divides them by its scale)."""
 
     def after_step(self) -> None:
         """Called after every applied optimizer step (EMA updates, bank/queue/row updates)."""
@@ -53,7 +55,7 @@ class Trainable(nn.Module):
                 for buffer in module.buffers(recurse=False)]
 
 
-class Method(Trainable):
+class Method(DeferredUpdate, Trainable):
     """A self-supervised method: an encoder (backbone + head) and a loss over crop groups.
 
     ``forward(crops, index)`` takes the list of crop batches (B×3×H×W each, grouped by
@@ -63,11 +65,10 @@ class Method(Trainable):
     submodules, so it is part of ``state_dict`` and of every checkpoint.
 
     The step's update: what ``forward`` computes for changing that state (InstDisc's gathered
-    bank rows and features, MoCo's gathered keys) must wait until the optimizer step is known
-    to be applied, since a skipped step changes nothing. ``forward`` hands it over with
-    :meth:`defer_update`; ``after_step`` takes it with :meth:`deferred_update`. A skipped step's
-    update is never taken: the next ``forward`` replaces it. (PIC's sampled classifier keeps
-    the rows of its step the same way, inside the classifier.)
+    bank rows and features, MoCo's gathered keys) waits until the optimizer step is known to be
+    applied (:class:`~pic.networks.deferred.DeferredUpdate`: ``forward`` calls
+    :meth:`defer_update`, ``after_step`` takes it with :meth:`deferred_update`). PIC's sampled
+    classifier keeps the rows of its step the same way, inside the classifier.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int = 128, mlp_head: bool = True,
@@ -80,16 +81,6 @@ class Method(Trainable):
         self.encoder = MultiCropEncoder(backbone, head, bn_per_crop)
         if bn_per_crop:
             convert_batchnorm(self.encoder, sync=False)
-        self._update: Any = None
-
-    def defer_update(self, update: Any) -> None:
-        """Called by ``forward``: what ``after_step`` applies if this step is taken."""
-        self._update = update
-
-    def deferred_update(self) -> Any:
-        """Called by ``after_step``: the last ``forward``'s update (None if none), taken once."""
-        update, self._update = self._update, None
-        return update
 
     @property
     def backbone(self) -> nn.Module:

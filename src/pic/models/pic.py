@@ -61,8 +61,9 @@ class PIC(Method):
             loss = (loss * len(large) + small_loss * len(small)) / len(features)
         return loss, {"loss": loss.detach()}
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        self.classifier.attach(optimizer)
+    def attach(self, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None = None) -> None:
+        self.classifier.attach(optimizer, scaler)
 
     def after_step(self) -> None:
         self.classifier.after_step()

@@ -14,7 +14,7 @@ Two forms share one interface, ``forward(labels) -> (rows C×D, labels into rows
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .. import dist
 from ..data.samplers import list_order
 from ..engine.optim import plain_sgd_group
 from .correction import Correction, initial_rows, uniform_rows
+from .deferred import DeferredUpdate
 from .rowstore import STORAGES, RowTable
 
 SAMPLINGS = ("recent", "uniform")
@@ -52,14 +53,29 @@ class InstanceClassifier(nn.Module):
         """The rows to score against (C×D) and each label's row in them (B)."""
         return self.weight, labels
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Nothing to do: the optimizer holds W."""
+    def attach(self, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None = None) -> None:
+        """Nothing to do: the optimizer holds W (and the scaler unscales its gradient)."""
 
     def after_step(self) -> None:
         """Nothing to do: the global optimizer updates W."""
 
 
-class SampledInstanceClassifier(nn.Module):
+class StepRows(NamedTuple):
+    """What a step of the sampled classifier produces for its update: the C table ``rows``
+    scored against (int64, sorted), their stored bytes ``raw``, (w, b) C×D float32 brought to
+    the step's update count, the C×D ``leaf`` the loss took its gradient through, and the
+    global batch's ``positives`` (table rows, B_global) for the FIFO of recent rows."""
+
+    rows: torch.Tensor
+    raw: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    leaf: torch.Tensor
+    positives: torch.Tensor
+
+
+class SampledInstanceClassifier(DeferredUpdate, nn.Module):
     """PIC's classifier with negative sampling and exact weight update correction.
 
     Each step gathers the rows of the global batch's positives plus K negatives from a
@@ -104,6 +120,7 @@ class SampledInstanceClassifier(nn.Module):
         self.num_negatives = num_instances if num_negatives is None else num_negatives
         self.sampling, self.weight_correction = sampling, weight_correction
         self._optimizer: torch.optim.Optimizer | None = None  # from attach()
+        self._scaler: torch.amp.GradScaler | None = None
         self.order_seed = order_seed
         path = None if storage_dir is None else Path(storage_dir) / "pic_classifier.table"
         self.store = RowTable(num_instances, dim, dtype, storage, path)
@@ -117,7 +134,6 @@ class SampledInstanceClassifier(nn.Module):
         self.fifo_pos = 0
         self._started = False  # False until a fresh start or a restore decides the file
         self._synced_at = -1  # update count of the last checkpoint
-        self._pending: tuple[Any, ...] | None = None  # the step's rows, until after_step
 
     def _apply(self, fn: Any, recurse: bool = True) -> SampledInstanceClassifier:
         """``.to(device)`` moves device storage; the raw rows keep their dtype."""
@@ -141,14 +157,9 @@ class SampledInstanceClassifier(nn.Module):
         """labels: B instance indices → (C×D current rows, leaf with grad; B positions in them).
 
         The row set is the same on every rank: the positives of the global batch plus the
-        negatives. The rows are kept until :meth:`after_step` applies their gradient.
+        negatives. The step's :class:`StepRows` wait (deferred) for :meth:`after_step`, which
+        applies their gradient only if the step is taken.
         """
-        kind = labels.device.type
-        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
-            # fp16 training scales the loss; the scaler unscales only the optimizer's
-            # parameters, so these rows would be updated with a scaled gradient.
-            raise ValueError("model.num_negatives / model.classifier_storage=host|mmap do not "
-                             "support trainer.precision=fp16 (gradient scaling); use bf16")
         self._start()
         positives = self.rows_of(dist.all_gather(labels))
         if self.num_negatives >= self.num_instances:
@@ -158,7 +169,7 @@ class SampledInstanceClassifier(nn.Module):
         raw = self.store.gather(rows)
         w, b = self._current(rows, raw)
         leaf = w.to(labels.device).requires_grad_(True)
-        self._pending = (rows, raw, w, b, leaf, positives)
+        self.defer_update(StepRows(rows, raw, w, b, leaf, positives))
         return leaf, torch.searchsorted(rows, self.rows_of(labels)).to(labels.device)
 
     def _negatives(self) -> torch.Tensor:
@@ -181,12 +192,14 @@ class SampledInstanceClassifier(nn.Module):
         c = c.to(w.device, w.dtype)[:, :, None]
         return c[2] * b + c[3] * w, c[0] * b + c[1] * w
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None = None) -> None:
         """Apply ``optimizer``'s SGD to the rows: its m, λ and each step's lr (plain momentum
-        SGD only: checked)."""
+        SGD only: checked). ``scaler``: the run's fp16 loss scaler, whose scale the rows'
+        gradient is divided by (it unscales only the optimizer's parameters)."""
         plain_sgd_group(optimizer, "the sampled PIC classifier (model.num_negatives / "
                         "model.classifier_storage=host|mmap)")
-        self._optimizer = optimizer
+        self._optimizer, self._scaler = optimizer, scaler
 
     @property
     def group(self) -> dict[str, Any]:
@@ -200,12 +213,17 @@ class SampledInstanceClassifier(nn.Module):
     def after_step(self) -> None:
         """Apply SGD (the optimizer's current lr η_t) to the step's rows, advance the
         correction, park due blocks."""
-        if self._pending is None:
+        step = self.deferred_update()
+        if step is None:
             raise RuntimeError("SampledInstanceClassifier.after_step without a forward")
         lr, m, lam = self.group["lr"], self.group["momentum"], self.group["weight_decay"]
-        rows, raw, w, b, leaf, positives = self._pending
-        self._pending = None
+        rows, raw, w, b, leaf, positives = step
         grad = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
+        if self._scaler is not None and self._scaler.is_enabled():
+            # The rows and the loss are fp32 under fp16 autocast, so the scaled gradient is
+            # finite whenever the step is (the trainer checked); dividing by a power of two is
+            # exact.
+            grad = grad / self._scaler.get_scale()
         # The mean over ranks, like DDP does for parameters: rows stay identical everywhere.
         grad = dist.all_reduce_mean(grad).to(w.device)
         # Same operations in the same order as torch.optim.SGD (dampening 0, no Nesterov).
@@ -307,7 +325,8 @@ class SampledInstanceClassifier(nn.Module):
         else:
             self.store.table.copy_(state["table"])
             self.store.gen = state["gen"]
-        self._started, self._synced_at, self._pending = True, self.t, None
+        self._started, self._synced_at = True, self.t
+        self.defer_update(None)  # a restored classifier has no step in flight
 
 
 def check_settings(storage: str, sampling: str, num_negatives: int | None,

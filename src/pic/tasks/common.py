@@ -1,4 +1,5 @@
-"""What every task does the same way: evaluation splits, training sampler, logger, results."""
+"""What every task does the same way: evaluation splits, training sampler, logger, results,
+and the evaluation of a checkpoint given or pretrained first (``task.pretrain_first``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from ..engine.checkpoint import atomic_write_text
 log = logging.getLogger(__name__)
 
 Dataset = torch.utils.data.Dataset
+#: (W&B run id, run dir, steps) of the pretraining whose logger run an evaluation continues.
+Continued = tuple[str | None, Path, int]
 
 
 def eval_splits(data: Any) -> tuple[Dataset, Dataset]:
@@ -48,3 +51,44 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> Path:
     if dist.is_main():
         atomic_write_text(json.dumps(results, indent=2, sort_keys=True, default=float) + "\n", path)
     return path
+
+
+def evaluate_pretrained(cfg: DictConfig, out_dir: Path, task: str, pretrain_first: bool,
+                        evaluate: Callable[[Path, Path, Continued | None], dict[str, Any]]
+                        ) -> dict[str, Any]:
+    """``evaluate(checkpoint, results dir, continued)`` of ``pretrained=PATH``, or with
+    ``pretrain_first`` of a ``task=pretrain`` with the same config run in ``out_dir`` first:
+    then the evaluation runs in ``out_dir/<task>``, continues the pretraining's logger run
+    under ``<task>/`` names (one experiment, one W&B run), and its ``<task>_*`` results join
+    the pretraining's ``results.json``. ``task``: ``linear``, ``finetune``."""
+    if not pretrain_first:
+        if not cfg.pretrained:
+            raise ValueError(f"task={task} needs pretrained=PATH (a current.pth of a pretraining"
+                             f" run), or task.pretrain_first=true to pretrain in this run")
+        return evaluate(Path(cfg.pretrained), out_dir, None)
+    if cfg.pretrained:
+        raise ValueError(f"task.pretrain_first=true pretrains in this run; pretrained="
+                         f"{cfg.pretrained} would be ignored: drop one of the two")
+    results = _pretrain_once(cfg, out_dir)
+    if results.get("stopped_by"):
+        return results
+    scores = evaluate(out_dir / "current.pth", out_dir / task,
+                      (results.get("run_id"), out_dir, results["steps"]))
+    if scores.get("stopped_by"):
+        return scores
+    results.update({k: v for k, v in scores.items() if k.startswith(f"{task}_")})
+    write_results(out_dir, results)
+    return results
+
+
+def _pretrain_once(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """``task=pretrain`` in ``out_dir``, skipped when a run of the whole schedule is there."""
+    from .pretrain import Pretrain
+
+    done = out_dir / "results.json"
+    if cfg.auto_resume and done.is_file():
+        results = json.loads(done.read_text())
+        if results["steps"] >= results["total_steps"]:
+            log.info("pretraining in %s already completed: evaluating it", out_dir)
+            return results
+    return Pretrain().run(cfg, out_dir)

@@ -13,8 +13,9 @@ the paper's table (the ``experiment`` configs do this).
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,18 @@ from ..engine.features import eval_mode, extract_features, rank_loader
 from ..engine.optim import sgd
 from ..engine.probe import FeatureProbe
 from ..engine.schedules import Cosine
-from ..engine.trainer import resolve_device
+from ..engine.trainer import Trainer, resolve_device
 from ..logging.history import MetricHistory
 from ..models.linear_probe import LinearProbe
 from ..provenance import provenance
-from .common import eval_splits, make_logger, train_sampler, write_results
+from .common import (
+    Continued,
+    eval_splits,
+    evaluate_pretrained,
+    make_logger,
+    train_sampler,
+    write_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +102,11 @@ class LinearEval:
         self.protocol, self.probe = protocol, probe
 
     def run(self, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-        if not self.pretrain_first:
-            if not cfg.pretrained:
-                raise ValueError("task=linear needs pretrained=PATH (a current.pth of a pretraining"
-                                 " run), or task.pretrain_first=true to pretrain in this run")
-            return self.evaluate_checkpoint(cfg, Path(cfg.pretrained), out_dir)
-        if cfg.pretrained:
-            raise ValueError(f"task.pretrain_first=true pretrains in this run; pretrained="
-                             f"{cfg.pretrained} would be ignored: drop one of the two")
-        results = _pretrain(cfg, out_dir)
-        if results.get("stopped_by"):
-            return results
-        # One experiment, one W&B run: the evaluation continues the pretraining's run.
-        linear = self.evaluate_checkpoint(cfg, out_dir / "current.pth", out_dir / "linear",
-                                          (results.get("run_id"), out_dir, results["steps"]))
-        results.update({k: v for k, v in linear.items() if k.startswith("linear_")})
-        write_results(out_dir, results)
-        return results
+        return evaluate_pretrained(cfg, out_dir, "linear", self.pretrain_first,
+                                   partial(self.evaluate_checkpoint, cfg))
 
     def evaluate_checkpoint(self, cfg: DictConfig, pretrained: Path, out_dir: Path,
-                            continued: tuple[str | None, Path, int] | None = None
-                            ) -> dict[str, Any]:
+                            continued: Continued | None = None) -> dict[str, Any]:
         """Train and evaluate a probe on ``pretrained``'s backbone; results in ``out_dir``.
         ``continued``: (run id, run dir, steps) of the pretraining whose logger run the
         evaluation continues, under ``linear/`` names."""
@@ -144,7 +136,7 @@ class LinearEval:
         return {f"linear_{k}": v for k, v in scores.items()}
 
     def _augmented(self, cfg: DictConfig, backbone: torch.nn.Module, out_dir: Path,
-                   continued: tuple[str | None, Path, int] | None) -> dict[str, Any]:
+                   continued: Continued | None) -> dict[str, Any]:
         trainer = instantiate(cfg.trainer, epochs=self.epochs, batch_size=self.batch_size)
         data = instantiate(cfg.data)
         augment = AUGMENTATIONS[self.augmentation](data.image_size, data.mean, data.std)
@@ -153,54 +145,59 @@ class LinearEval:
         labels = torch.tensor([train_set.label(i) for i in range(len(train_set))])
         probe = LinearProbe(backbone, data.num_classes, labels, self.bn_train_mode,
                             self.batch_norm).to(trainer.device)
-        sampler = train_sampler(EpochSampler, train_set, cfg.seed)
         optimizer = sgd(probe, self.batch_size, self.lr, self.momentum, self.weight_decay)
-        history = MetricHistory(out_dir / "linear_history.json", cfg.auto_resume)
+        return fit_probe(cfg, trainer, probe, train_set, val_set, optimizer,
+                         Cosine(warmup_epochs=self.warmup_epochs), out_dir, "linear",
+                         provenance(train_set), continued, self._scores)
 
-        def record(passes: float) -> dict[str, float]:
-            scores = evaluate(probe, val_set, trainer.per_rank_batch(), trainer.device,
-                              trainer.num_workers)
-            history.record(passes, scores)
-            log.info("linear epoch %.2f: top-1 %.2f%%, top-5 %.2f%%", passes, scores["top1"],
-                     scores["top5"])
-            return {f"val_{k}": v for k, v in scores.items()}
-
-        logger = make_logger(cfg)
-        if continued is not None:
-            logger.continue_run(*continued, prefix="linear/")
-        origin = provenance(train_set)
-        summary = trainer.fit(probe, train_set, sampler, optimizer,
-                              Cosine(warmup_epochs=self.warmup_epochs), out_dir, logger, cfg.seed,
-                              resume=cfg.auto_resume, epoch_end=record, config=config_dict(cfg),
-                              provenance=origin, allow_dataset_change=cfg.allow_dataset_change)
-        if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
-            logger.finish()  # the requeued attempt resumes this W&B run: release it now
-            return summary
-        if summary["epochs"] not in history:  # stopped between epochs (max_steps, preemption)
-            logger.log(record(summary["epochs"]), summary["steps"])
-        rows = history.rows(until=summary["epochs"])
+    def _scores(self, rows: list[dict[str, float]]) -> dict[str, Any]:
+        """The final and the best epoch's scores of the history ``rows``, and the protocol."""
         best = max(rows, key=lambda r: r["top1"])
-        results = {
-            "linear_top1": rows[-1]["top1"], "linear_top5": rows[-1]["top5"],
-            "linear_best_top1": best["top1"], "linear_best_top5": best["top5"],
-            "linear_best_epoch": best["epoch"], "linear_history": rows,
-            "bn_train_mode": self.bn_train_mode, "augmentation": self.augmentation,
-            "batch_norm": self.batch_norm, **origin,
-            **{k: v for k, v in summary.items() if k != "loss_history"},
-        }
-        logger.summary({k: v for k, v in results.items() if k != "linear_history"})
-        logger.finish()
-        return results
+        return {"linear_top1": rows[-1]["top1"], "linear_top5": rows[-1]["top5"],
+                "linear_best_top1": best["top1"], "linear_best_top5": best["top5"],
+                "linear_best_epoch": best["epoch"], "bn_train_mode": self.bn_train_mode,
+                "augmentation": self.augmentation, "batch_norm": self.batch_norm}
 
 
-def _pretrain(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """``task=pretrain`` in ``out_dir``, skipped when a run of the whole schedule is there."""
-    from .pretrain import Pretrain
+Dataset = torch.utils.data.Dataset
 
-    done = out_dir / "results.json"
-    if cfg.auto_resume and done.is_file():
-        results = json.loads(done.read_text())
-        if results["steps"] >= results["total_steps"]:
-            log.info("pretraining in %s already completed: evaluating it", out_dir)
-            return results
-    return Pretrain().run(cfg, out_dir)
+
+def fit_probe(cfg: DictConfig, trainer: Trainer, net: LinearProbe, train_set: Dataset,
+              val_set: Dataset, optimizer: torch.optim.Optimizer, schedule: Any, out_dir: Path,
+              phase: str, origin: dict[str, Any], continued: Continued | None,
+              scores_of: Callable[[list[dict[str, float]]], dict[str, Any]]) -> dict[str, Any]:
+    """Train ``net`` (a probe, or a network fine-tuned whole) on ``train_set`` by ``trainer``,
+    scored on ``val_set`` after every epoch and at the end; the scores' curve is
+    ``<out_dir>/<phase>_history.json`` (resumable). Returns the trainer's summary (which says
+    whether a stop request ended the run) with ``<phase>_history``, ``origin`` (the data's
+    provenance) and ``scores_of(history rows)``, all but the history in the logger run's
+    summary. ``continued``: the pretraining whose logger run this continues, under
+    ``<phase>/`` names."""
+    history = MetricHistory(out_dir / f"{phase}_history.json", cfg.auto_resume)
+
+    def record(passes: float) -> dict[str, float]:
+        scores = evaluate(net, val_set, trainer.per_rank_batch(), trainer.device,
+                          trainer.num_workers)
+        history.record(passes, scores)
+        log.info("%s epoch %.2f: top-1 %.2f%%, top-5 %.2f%%", phase, passes, scores["top1"],
+                 scores["top5"])
+        return {f"val_{k}": v for k, v in scores.items()}
+
+    logger = make_logger(cfg)
+    if continued is not None:
+        logger.continue_run(*continued, prefix=f"{phase}/")
+    summary = trainer.fit(net, train_set, train_sampler(EpochSampler, train_set, cfg.seed),
+                          optimizer, schedule, out_dir, logger, cfg.seed, resume=cfg.auto_resume,
+                          epoch_end=record, config=config_dict(cfg), provenance=origin,
+                          allow_dataset_change=cfg.allow_dataset_change)
+    if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
+        logger.finish()  # the requeued attempt resumes this W&B run: release it now
+        return summary
+    if summary["epochs"] not in history:  # stopped between epochs (max_steps, preemption)
+        logger.log(record(summary["epochs"]), summary["steps"])
+    rows = history.rows(until=summary["epochs"])
+    results = {**scores_of(rows), f"{phase}_history": rows, **origin,
+               **{k: v for k, v in summary.items() if k != "loss_history"}}
+    logger.summary({k: v for k, v in results.items() if k != f"{phase}_history"})
+    logger.finish()
+    return results

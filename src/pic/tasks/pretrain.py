@@ -60,53 +60,28 @@ class Pretrain:
                             num_instances=len(train_set)).to(trainer.device)
         sampler = train_sampler(partial(instantiate, cfg.sampler), train_set, cfg.seed)
         optimizer = instantiate(cfg.optimizer, model=model, batch_size=trainer.batch_size)
-        knn = instantiate(cfg.eval)
-        bank_set, val_set = eval_splits(data)
-        scored = partial(evaluate, bank_set=bank_set, val_set=val_set, knn=knn,
-                         num_classes=data.num_classes, device=trainer.device,
-                         num_workers=trainer.num_workers)
-        encoder = encoder_of(model, knn.features)
+        scoring = Scoring(cfg, data, model, trainer, out_dir)
         clock = time.perf_counter()
-        settings = {"eval": config_dict(cfg.eval), "probe": config_dict(cfg.task).get("probe")}
-        baselines = self._baselines(out_dir, lambda e: scored(e, probe=self.probe)[0], encoder,
-                                    settings)
+        baselines = self._baselines(cfg, out_dir, scoring)
         timing = {"baselines_time_s": time.perf_counter() - clock}
-        online = self._online_probe(model, train_set, data.num_classes, trainer)
-
-        def online_scores() -> dict[str, float]:
-            if online is None:
-                return {}
-            probed = online.evaluate(model.backbone, val_set, knn.batch_size, trainer.device,
-                                     trainer.num_workers)
-            return {f"online_probe_{k}": v for k, v in probed.items()}
-
-        # The kNN monitor's curve survives resumes beside the checkpoint (the report plots it).
-        monitor = MetricHistory(out_dir / "knn_history.json", cfg.auto_resume)
-
-        def epoch_end(passes: float) -> dict[str, float]:
-            if not (knn.every and int(passes) % knn.every == 0 and passes - int(passes) < 1e-9):
-                return {}
-            scores = {**scored(encoder, probe=None)[0]["knn"][knn.headline], **online_scores()}
-            monitor.record(passes, scores)
-            return {k if k.startswith("online") else f"knn_{k}": v for k, v in scores.items()}
-
+        scoring.online = self._online_probe(model, train_set, data.num_classes, trainer)
         logger = make_logger(cfg)
         origin = provenance(train_set)
         summary = trainer.fit(model, train_set, sampler, optimizer, instantiate(cfg.schedule),
                               out_dir, logger, cfg.seed, resume=cfg.auto_resume,
-                              epoch_end=epoch_end, config=config_dict(cfg), provenance=origin,
-                              allow_dataset_change=cfg.allow_dataset_change)
+                              epoch_end=scoring.epoch_end, config=config_dict(cfg),
+                              provenance=origin, allow_dataset_change=cfg.allow_dataset_change)
         if summary["stopped_by"]:  # leave now: a scheduler's grace period is short
             logger.finish()  # the requeued attempt resumes this W&B run: release it now
             return summary
         clock = time.perf_counter()
-        final, val_f, val_y = scored(encoder, probe=self.probe)
+        final, val_f, val_y = scoring.score(scoring.encoder, probe=self.probe)
         timing["eval_time_s"] = time.perf_counter() - clock
         results = {k: v for k, v in summary.items() if k != "loss_history"}
         results.update(**timing, method=cfg.model._target_, num_instances=len(train_set),
-                       world_size=dist.get_world_size(), **origin, **online_scores(),
-                       knn_history=monitor.rows(),
-                       **eval_results(knn, {"trained": final, **baselines}))
+                       world_size=dist.get_world_size(), **origin, **scoring.online_scores(),
+                       knn_history=scoring.monitor.rows(),
+                       **eval_results(scoring.knn, {"trained": final, **baselines}))
         logger.summary({k: v for k, v in results.items() if not isinstance(v, list | dict)})
         logger.finish()
         if self.plot and dist.is_main():
@@ -129,11 +104,13 @@ class Pretrain:
                             scaled_lr(self.online_probe_lr, trainer.batch_size))
         return probe.to(trainer.device).attach(model)
 
-    def _baselines(self, out_dir: Path, score: Any, encoder: torch.nn.Module,
-                   settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def _baselines(self, cfg: DictConfig, out_dir: Path, scoring: Scoring
+                   ) -> dict[str, dict[str, Any]]:
         """``{"random_init": scores, "pixels": scores}`` (those asked for), from
-        ``baselines.json`` when a start of this run wrote it with the same ``settings``."""
+        ``baselines.json`` when a start of this run wrote it with the same evaluation
+        settings."""
         path = out_dir / "baselines.json"
+        settings = {"eval": config_dict(cfg.eval), "probe": config_dict(cfg.task).get("probe")}
         wanted = [name for name, on in zip(BASELINES, (self.knn_random_init, self.pixels),
                                            strict=True) if on]
         done = json.loads(path.read_text()) if path.is_file() else {}
@@ -141,11 +118,49 @@ class Pretrain:
             done = {"settings": settings}
         for name in wanted:
             if name not in done:
-                done[name] = score(encoder if name == "random_init" else pixels())
+                network = scoring.encoder if name == "random_init" else pixels()
+                done[name] = scoring.score(network, probe=self.probe)[0]
         if dist.is_main():
             atomic_write_text(json.dumps(done), path)
         return {name: done[name] for name in wanted}
 
+
+class Scoring:
+    """How a pretraining run is scored on held-out features: kNN (``cfg.eval``) and a probe
+    through :meth:`score`; every ``eval.every`` epochs the kNN monitor and the online probe
+    (:meth:`epoch_end`), whose curve survives resumes beside the checkpoint (the report plots
+    it)."""
+
+    def __init__(self, cfg: DictConfig, data: Any, model: torch.nn.Module, trainer: Any,
+                 out_dir: Path) -> None:
+        self.knn = instantiate(cfg.eval)
+        bank_set, self.val_set = eval_splits(data)
+        self.score = partial(evaluate, bank_set=bank_set, val_set=self.val_set, knn=self.knn,
+                             num_classes=data.num_classes, device=trainer.device,
+                             num_workers=trainer.num_workers)
+        self.encoder = encoder_of(model, self.knn.features)
+        self.model, self.trainer = model, trainer
+        self.online: OnlineProbe | None = None
+        self.monitor = MetricHistory(out_dir / "knn_history.json", cfg.auto_resume)
+
+    def online_scores(self) -> dict[str, float]:
+        """``online_probe_top1``/``_top5`` on the validation split ({} without the probe)."""
+        if self.online is None:
+            return {}
+        probed = self.online.evaluate(self.model.backbone, self.val_set, self.knn.batch_size,
+                                      self.trainer.device, self.trainer.num_workers)
+        return {f"online_probe_{k}": v for k, v in probed.items()}
+
+    def epoch_end(self, passes: float) -> dict[str, float]:
+        """After a sampler-epoch, at ``passes`` over the data: the monitor's scores when a
+        whole number of passes divisible by ``eval.every`` is reached, else {}."""
+        every = self.knn.every
+        if not (every and int(passes) % every == 0 and passes - int(passes) < 1e-9):
+            return {}
+        knn = self.score(self.encoder, probe=None)[0]["knn"][self.knn.headline]
+        scores = {**knn, **self.online_scores()}
+        self.monitor.record(passes, scores)
+        return {k if k.startswith("online") else f"knn_{k}": v for k, v in scores.items()}
 
 def _plot(path: Path, loss_history: list[tuple[int, float]], val_f: torch.Tensor,
           val_y: torch.Tensor, title: str) -> None:
