@@ -478,3 +478,17 @@ def test_native_row_moves_check_the_range(tmp_path: Path) -> None:
     clf = sampled(tmp_path, 20, num_negatives=3, sampling="uniform")
     with pytest.raises(IndexError, match=r"outside \[0, 20\)"):
         clf.store.gather(torch.tensor([3, 20]))
+
+
+def test_a_checkpoint_in_another_row_order_is_refused(tmp_path: Path) -> None:
+    clf = sampled(tmp_path, 50, num_negatives=5, storage="host", order_seed=1)
+    run_steps(clf, range(2))
+    state = clf.state_dict()
+    extra = next(k for k in state if k.endswith("_extra_state"))
+    del state[extra]["order"]  # a checkpoint from before the counter-based list order
+    fresh = sampled(tmp_path, 50, num_negatives=5, storage="host", order_seed=1)
+    with pytest.raises(ValueError, match="'numpy'"):
+        fresh.load_state_dict(state)
+    state[extra]["order"] = fresh._order()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.weight, clf.weight)
