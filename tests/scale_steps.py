@@ -51,9 +51,15 @@ def batch(step: int, n: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 def sampled_step(clf: SampledInstanceClassifier, step: int, b: int) -> torch.Tensor:
     """One forward/backward; the step's instance indices (sorted)."""
     feats, labels = batch(step, clf.num_instances, b)
-    rows, pos = clf(labels)
+    gathered = []  # the forward gathers the step's rows once
+    gather = clf.store.gather
+    clf.store.gather = lambda rows: gathered.append(rows) or gather(rows)
+    try:
+        rows, pos = clf(labels)
+    finally:
+        del clf.store.gather
     instance_classification_loss(feats, rows, pos, TAU).backward()
-    return instances(clf, clf._pending[0])
+    return instances(clf, gathered[0])
 
 
 def instances(clf: SampledInstanceClassifier, rows: torch.Tensor) -> torch.Tensor:
