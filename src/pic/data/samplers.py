@@ -81,7 +81,7 @@ def _permute(seed: int, size: int, cycle: int, x: np.ndarray, inverse: bool) -> 
 
 def list_order(seed: int, size: int, positions: np.ndarray, cycle: int = 0) -> np.ndarray:
     """The sliding window's shuffled list on pass ``cycle`` (every pass without reshuffle) at
-    ``positions``: pool positions, same shape. Counter-based: no list of ``size`` is built.
+    ``positions`` (1-D): pool positions, same shape. Counter-based: no list of ``size`` is built.
     PIC's sampled classifier stores its rows in this order."""
     return _permute(seed, size, cycle, positions, inverse=False)
 
