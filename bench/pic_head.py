@@ -11,12 +11,14 @@ sampled after set-up and every step. A checkpoint (sync_state + state_dict) ever
 ``--checkpoint-every`` steps: its time, and its bytes (the undo journal of the interval plus
 the state). Disk: the table file's allocated blocks after the run, per row written.
 
-    python bench/pic_head.py [--sizes 1e4 1e6 1e7 1e8] [--num-negatives 4096] [--steps 30]
-                             [--rounds 3] [--sampling recent|uniform] [--kinds sampled-mmap]
+    python bench/pic_head.py [--sizes 1e4 1e6 1e7 1e8] [--num-negatives 4096 65536]
+                             [--steps 30] [--rounds 3] [--sampling recent|uniform]
+                             [--kinds sampled-mmap sampled-mmap-bfloat16 sampled-mmap-index]
 
-Prints a Markdown table; "vs first N" is the median step time over that of the smallest N of
-the same head. Rounds are interleaved (the sizes alternate), and the median is over every
-timed step of every round: on a shared machine a burst of load spoils no single size.
+Prints the CPU, the load average, and a Markdown table; "vs first N" is the median step time
+over that of the smallest N of the same head and K. Rounds are interleaved (sizes, K and heads
+alternate), and the median is over every timed step of every round: on a shared machine a
+burst of load spoils no single configuration.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str
     setup_s = time.perf_counter() - start
     peak = {"anon": status_kib("RssAnon"), "file": status_kib("RssFile")}
     times, ckpt_s, ckpt_bytes, rows, visited = [], [], [], 0, set()
+    if kind != "dense":  # the rows written: every write goes through the store's scatter
+        scatter = clf.store.scatter
+        clf.store.scatter = lambda r, raw: visited.update(r.tolist()) or scatter(r, raw)
     # uniform: positives uniform over N too; recent: PIC's setting, positives from the sliding
     # window (default W and S), negatives the most recent rows.
     window = iter(SlidingWindowSampler(n)) if sampling == "recent" else None
@@ -97,7 +102,6 @@ def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            visited.update(clf._pending[0].tolist())  # the rows this step writes
             clf.after_step()
         features.grad = None
         if step >= 3:
@@ -137,7 +141,7 @@ def skip_reason(kind: str, n: int, directory: str) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e6, 1e7, 1e8])
-    parser.add_argument("--num-negatives", type=int, default=4096)
+    parser.add_argument("--num-negatives", type=int, nargs="+", default=[4096])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--checkpoint-every", type=int, default=10)
@@ -155,48 +159,61 @@ def main() -> None:
                                  int(every))))
         return
 
-    print(f"PIC head, B={B}, D={D}, K={args.num_negatives} {args.sampling} negatives, "
+    print(f"PIC head, B={B}, D={D}, {args.sampling} negatives, "
           f"{os.environ.get('BENCH_THREADS', '1')} threads, {args.steps} steps × "
           f"{args.rounds} interleaved round(s), a checkpoint every {args.checkpoint_every} "
-          "steps\n")
-    results: dict[tuple[int, str], list[dict] | str] = {}
-    for _ in range(args.rounds):  # sizes alternate: a burst of load spoils no single size
+          f"steps; {machine()}\n")
+    results: dict[tuple[int, int, str], list[dict] | str] = {}
+    for r in range(args.rounds):  # configurations alternate: a burst of load spoils none
+        print(f"round {r + 1}: load average {os.getloadavg()[0]:.1f}", flush=True)
         for n in map(int, args.sizes):
-            for kind in args.kinds:
-                if isinstance(results.get((n, kind)), str):
-                    continue  # skipped or failed: no use trying again
-                print(f"running N={n:.0e} {kind}", file=sys.stderr, flush=True)
-                result = run_one(kind, n, args)
-                if isinstance(result, str):
-                    results[(n, kind)] = result
-                else:
-                    results.setdefault((n, kind), []).append(result)  # type: ignore[union-attr]
+            for k in args.num_negatives:
+                for kind in args.kinds:
+                    key = (n, k, kind)
+                    if isinstance(results.get(key), str):
+                        continue  # skipped or failed: no use trying again
+                    print(f"running N={n:.0e} K={k} {kind}", file=sys.stderr, flush=True)
+                    result = run_one(kind, n, k, args)
+                    if isinstance(result, str):
+                        results[key] = result
+                    else:
+                        results.setdefault(key, []).append(result)  # type: ignore[union-attr]
+        print(f"load average {os.getloadavg()[0]:.1f}")
         print_table(results)  # after every round: a run cut short keeps what it measured
 
 
-def print_table(results: dict[tuple[int, str], list[dict] | str]) -> None:
-    print("| N | head | rows scored | median step ms | vs first N | peak anon MiB "
+def machine() -> str:
+    """The CPU's model name and whether it has native bf16 (avx512_bf16)."""
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown CPU")
+    return f"{name}, {'native' if 'avx512_bf16' in info else 'no native'} bf16"
+
+
+def print_table(results: dict[tuple[int, int, str], list[dict] | str]) -> None:
+    print("| N | K | head | rows scored | median step ms | vs first N | peak anon MiB "
           "| peak file-backed MiB | checkpoint ms | MiB per checkpoint | disk MiB "
           "| disk B per row written | set-up s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    first: dict[str, float] = {}
-    for (n, kind), runs in results.items():
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    first: dict[tuple[int, str], float] = {}
+    for (n, k, kind), runs in sorted(results.items(), key=lambda item: item[0][::-1]):
         if isinstance(runs, str):
-            print(f"| {n:.0e} | {kind} | {runs} |" + " |" * 9)
+            print(f"| {n:.0e} | {k} | {kind} | {runs} |" + " |" * 9)
             continue
         median = statistics.median(t for r in runs for t in r["times_ms"])
-        ratio = median / first.setdefault(kind, median)
+        ratio = median / first.setdefault((k, kind), median)
         r = runs[-1]
         peak_anon = max(x["peak_anon_mib"] for x in runs)
         peak_file = max(x["peak_file_mib"] for x in runs)
         extra = (f"{r['ckpt_ms']:.0f} | {r['ckpt_mib']:.1f} | {r['disk_mib']:.0f} | "
                  f"{r['disk_mib'] * 2**20 / max(r['visited'], 1):.0f}") if "ckpt_ms" in r \
             else " | | |"
-        print(f"| {n:.0e} | {kind} | {r['rows']} | {median:.1f} | {ratio:.2f}x | "
+        print(f"| {n:.0e} | {k} | {kind} | {r['rows']} | {median:.1f} | {ratio:.2f}x | "
               f"{peak_anon:.0f} | {peak_file:.0f} | {extra} | {r['setup_s']:.1f} |", flush=True)
 
 
-def run_one(kind: str, n: int, args: argparse.Namespace) -> dict | str:
+def run_one(kind: str, n: int, k: int, args: argparse.Namespace) -> dict | str:
     """One configuration in a fresh subprocess: its measurements, or why there are none."""
     directory = tempfile.mkdtemp(prefix="pic_head_", dir=args.dir)
     try:
@@ -204,7 +221,7 @@ def run_one(kind: str, n: int, args: argparse.Namespace) -> dict | str:
         if reason:
             return f"skipped: {reason}"
         out = subprocess.run(
-            [sys.executable, __file__, "--child", kind, str(n), str(args.num_negatives),
+            [sys.executable, __file__, "--child", kind, str(n), str(k),
              str(args.steps), directory, args.sampling, str(args.checkpoint_every)],
             capture_output=True, text=True, check=False)
         if out.returncode:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import pic.networks.correction as correction
+from pic.data.samplers import list_order
 from pic.losses import instance_classification_loss
 from pic.networks.classifier import SampledInstanceClassifier
 
@@ -50,18 +51,23 @@ def batch(step: int, n: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 def sampled_step(clf: SampledInstanceClassifier, step: int, b: int) -> torch.Tensor:
     """One forward/backward; the step's instance indices (sorted)."""
     feats, labels = batch(step, clf.num_instances, b)
-    rows, pos = clf(labels)
+    gathered = []  # the forward gathers the step's rows once
+    gather = clf.store.gather
+    clf.store.gather = lambda rows: gathered.append(rows) or gather(rows)
+    try:
+        rows, pos = clf(labels)
+    finally:
+        del clf.store.gather
     instance_classification_loss(feats, rows, pos, TAU).backward()
-    return instances(clf, clf._update.rows)
+    return instances(clf, gathered[0])
 
 
 def instances(clf: SampledInstanceClassifier, rows: torch.Tensor) -> torch.Tensor:
     """Sorted instance indices of table rows."""
-    if clf.row_of is None:
+    if clf.order_seed is None:
         return rows.clone()
-    index_of = torch.empty(clf.num_instances, dtype=torch.long)
-    index_of[clf.row_of.long()] = torch.arange(clf.num_instances)
-    return index_of[rows].sort().values
+    index = list_order(clf.order_seed, clf.num_instances, rows.numpy())
+    return torch.from_numpy(index).sort().values
 
 
 def run_steps(clf: SampledInstanceClassifier, steps: range) -> None:

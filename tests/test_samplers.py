@@ -4,11 +4,13 @@ sliding window's geometry (window W, stride S, overlap W - S, period N / S, resh
 from __future__ import annotations
 
 import math
+import tracemalloc
 from collections import Counter
 
+import numpy as np
 import pytest
 
-from pic.data.samplers import EpochSampler, SlidingWindowSampler
+from pic.data.samplers import EpochSampler, SlidingWindowSampler, list_order, list_position
 
 
 def epoch_of(sampler, epoch: int, start: int = 0) -> list[int]:
@@ -161,7 +163,8 @@ def test_window_and_stride_are_clipped_to_the_dataset():
 def test_sliding_window_two_ranks_cover_the_window_disjointly():
     n, w, s = 101, 40, 8
     single = SlidingWindowSampler(n, seed=6, window_size=w, stride=s)
-    ranks = [SlidingWindowSampler(n, 6, r, 2, window_size=w, stride=s) for r in range(2)]
+    ranks = [SlidingWindowSampler(n, seed=6, rank=r, world_size=2, window_size=w, stride=s)
+             for r in range(2)]
     for t in (0, 3, 12, 13):  # includes windows straddling the wrap (t*S + W > N)
         parts = [epoch_of(r, t) for r in ranks]
         assert len(parts[0]) == len(parts[1]) == w // 2
@@ -170,16 +173,17 @@ def test_sliding_window_two_ranks_cover_the_window_disjointly():
 
 
 def test_sliding_window_odd_sizes_are_rounded_down_per_rank():
-    ranks = [SlidingWindowSampler(50, 0, r, 2, window_size=21, stride=5) for r in range(2)]
+    ranks = [SlidingWindowSampler(50, rank=r, world_size=2, window_size=21, stride=5)
+             for r in range(2)]
     assert ranks[0].window_size == 20 and ranks[0].stride == 4 and len(ranks[1]) == 10
     a, b = epoch_of(ranks[0], 1), epoch_of(ranks[1], 1)
     assert len(set(a) | set(b)) == 20
 
 
 def test_sliding_window_resumes_mid_window_exactly():
-    s = SlidingWindowSampler(80, 1, 1, 2, window_size=32, stride=8, reshuffle=True)
-    full = epoch_of(s, 11)
-    fresh = SlidingWindowSampler(80, 1, 1, 2, window_size=32, stride=8, reshuffle=True)
+    kw = dict(seed=1, rank=1, world_size=2, window_size=32, stride=8, reshuffle=True)
+    full = epoch_of(SlidingWindowSampler(80, **kw), 11)
+    fresh = SlidingWindowSampler(80, **kw)
     assert epoch_of(fresh, 11, start=5) == full[5:]
 
 
@@ -187,7 +191,8 @@ def test_sliding_window_with_part_cache_slides_over_its_own_indices():
     n, world, w, s = 64, 2, 16, 4
     for rank in range(world):
         held = [i for i in range(n) if i % world == rank]
-        sampler = SlidingWindowSampler(n, 0, rank, world, held, window_size=w, stride=s)
+        sampler = SlidingWindowSampler(n, rank=rank, world_size=world, indices=held,
+                                       window_size=w, stride=s)
         ws = [set(x) for x in windows(sampler, 6)]
         assert all(len(x) == w // world and x <= set(held) for x in ws)
         assert all(len(ws[t] & ws[t + 1]) == (w - s) // world for t in range(5))
@@ -204,4 +209,85 @@ def test_total_images_seen_matches_epochs_times_n():
 
 def test_sliding_window_stride_smaller_than_world_is_an_error():
     with pytest.raises(ValueError, match="stride 1"):
-        SlidingWindowSampler(10, 0, 0, 2, window_size=4, stride=1)
+        SlidingWindowSampler(10, world_size=2, window_size=4, stride=1)
+
+
+# ---------------------------------------------------------------- the list's permutation
+
+
+def test_window_cost_does_not_depend_on_n():
+    """A window costs O(W): no allocation grows with N (the list is never materialised)."""
+    w, s = 512, 128
+    peaks = {}
+    for n in (10**4, 10**7):
+        sampler = SlidingWindowSampler(n, seed=1, window_size=w, stride=s)
+        tracemalloc.start()
+        order = epoch_of(sampler, 3)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(set(order)) == w
+    # A few W-long int64 arrays (and the W Python ints of the list): < 256 bytes per image.
+    assert peaks[10**7] < 256 * w, peaks
+    assert peaks[10**7] < 2 * peaks[10**4], peaks
+
+
+def test_windows_of_a_huge_dataset():
+    n = 2**50 + 3  # no array of N could exist
+    sampler = SlidingWindowSampler(n, seed=2, window_size=64, stride=16)
+    a, b = epoch_of(sampler, 10**12), epoch_of(sampler, 10**12 + 1)
+    assert len(set(a)) == 64 and len(set(a) & set(b)) == 48
+    assert all(0 <= i < n for i in a)
+    positions = list_position(2, n, np.asarray(sampler.window(10**12)))
+    assert positions.tolist() == [10**12 * 16 + p for p in range(64)]
+
+
+def reference_list(seed: int, size: int, cycle: int) -> list[int]:
+    """The list by an explicit loop in Python integers: a 6-round Feistel network on the
+    smallest even-bit domain >= size (round function splitmix64(side ^ key)), cycle-walking."""
+    keys = np.random.SeedSequence([seed, 0, cycle]).generate_state(6, np.uint64).tolist()
+    half = max(1, -(-(size - 1).bit_length() // 2))
+    mask, word = (1 << half) - 1, (1 << 64) - 1
+
+    def mix(x: int) -> int:
+        x = (x + 0x9E3779B97F4A7C15) & word
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & word
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & word
+        return x ^ (x >> 31)
+
+    def network(x: int) -> int:
+        left, right = x >> half, x & mask
+        for key in keys:
+            left, right = right, left ^ (mix(right ^ key) & mask)
+        return (left << half) | right
+
+    out = []
+    for position in range(size):
+        x = network(position)
+        while x >= size:
+            x = network(x)
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 17, 64, 65, 1000, 4099])
+def test_list_order_is_a_bijection_with_its_inverse(size):
+    for seed, cycle in ((0, 0), (7, 3)):
+        positions = np.arange(size)
+        order = list_order(seed, size, positions, cycle)
+        assert order.tolist() == reference_list(seed, size, cycle)
+        assert sorted(order.tolist()) == list(range(size))
+        assert list_position(seed, size, order, cycle).tolist() == list(range(size))
+        assert list_order(seed, size, list_position(seed, size, positions, cycle),
+                          cycle).tolist() == list(range(size))
+    with pytest.raises(IndexError, match=rf"outside \[0, {size}\)"):
+        list_order(0, size, np.array([size]))
+
+
+def test_list_order_is_uniform_over_seeds():
+    """The image at each position is uniform over seeds (counts within 5 binomial sd)."""
+    n, seeds = 10, 3000
+    counts = np.zeros((n, n))
+    for seed in range(seeds):
+        counts[np.arange(n), list_order(seed, n, np.arange(n))] += 1
+    expected = seeds / n
+    assert np.abs(counts - expected).max() < 5 * math.sqrt(expected * (1 - 1 / n))

@@ -13,7 +13,7 @@ ranks run the same number of steps.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -23,6 +23,10 @@ from ..bounds import Positive, Range
 # Tags that keep the random streams of the index list and of the per-epoch shuffles apart.
 _LIST_STREAM = 0
 _EPOCH_STREAM = 1
+#: Feistel rounds of the list's permutation (4 already give a pseudo-random permutation).
+_ROUNDS = 6
+#: The name of the list's permutation, stored with rows kept in its order.
+LIST_ORDER = "feistel6-splitmix64"
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -30,10 +34,61 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng(list(keys))
 
 
-def list_order(seed: int, size: int, cycle: int = 0) -> np.ndarray:
-    """The sliding window's shuffled list on pass ``cycle`` (every pass without reshuffle):
-    pool positions, shape (size,). PIC's sampled classifier stores its rows in this order."""
-    return _rng(seed, _LIST_STREAM, cycle).permutation(size)
+# splitmix64's constants, made once (numpy converts an int >= 2**63 slowly).
+_GAMMA, _MUL1, _MUL2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                               0x94D049BB133111EB))
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping): a bijection of 64-bit words."""
+    x = x + _GAMMA
+    x = (x ^ (x >> _S30)) * _MUL1
+    x = (x ^ (x >> _S27)) * _MUL2
+    return x ^ (x >> _S31)
+
+
+def _feistel(x: np.ndarray, keys: np.ndarray, half: int, inverse: bool) -> np.ndarray:
+    """A balanced Feistel network on 2·half-bit words (uint64 array): a bijection of
+    [0, 4**half), the rounds' functions splitmix64(side ^ key)."""
+    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
+    left, right = x >> shift, x & mask
+    for key in keys[::-1] if inverse else keys:
+        if inverse:
+            left, right = right ^ (_mix(left ^ key) & mask), left
+        else:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+    return (left << shift) | right
+
+
+def _permute(seed: int, size: int, cycle: int, x: np.ndarray, inverse: bool) -> np.ndarray:
+    """The list's permutation of [0, size) (or its inverse) at ``x``: the Feistel network on
+    the smallest even-bit domain >= size, cycle-walking (re-applied until inside [0, size));
+    < 4 applications per element on average. O(len(x)), whatever ``size``."""
+    x = np.asarray(x, dtype=np.int64)
+    if len(x) and not (0 <= int(x.min()) and int(x.max()) < size):
+        raise IndexError(f"list position or index outside [0, {size})")
+    keys = np.random.SeedSequence([seed, _LIST_STREAM, cycle]).generate_state(_ROUNDS,
+                                                                              np.uint64)
+    half = max(1, -(-(size - 1).bit_length() // 2))
+    out = _feistel(x.astype(np.uint64), keys, half, inverse)
+    walk = np.flatnonzero(out >= np.uint64(size))
+    while len(walk):
+        out[walk] = _feistel(out[walk], keys, half, inverse)
+        walk = walk[out[walk] >= np.uint64(size)]
+    return out.astype(np.int64)
+
+
+def list_order(seed: int, size: int, positions: np.ndarray, cycle: int = 0) -> np.ndarray:
+    """The sliding window's shuffled list on pass ``cycle`` (every pass without reshuffle) at
+    ``positions`` (1-D): pool positions, same shape. Counter-based: no list of ``size`` is built.
+    PIC's sampled classifier stores its rows in this order."""
+    return _permute(seed, size, cycle, positions, inverse=False)
+
+
+def list_position(seed: int, size: int, items: np.ndarray, cycle: int = 0) -> np.ndarray:
+    """Inverse of :func:`list_order`: the list positions of pool positions ``items``."""
+    return _permute(seed, size, cycle, items, inverse=True)
 
 
 class _ShardedSampler(Sampler[int]):
@@ -127,31 +182,30 @@ class SlidingWindowSampler(_ShardedSampler):
     def __init__(
         self,
         dataset_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        indices: list[int] | None = None,
         window_size: Annotated[int, Positive] = 131072,
         stride: Annotated[int, Range(gt=0, le="window_size")] = 16384,
         reshuffle: bool = False,
+        **shard: Any,
     ) -> None:
-        super().__init__(dataset_size, seed, rank, world_size, indices)
+        """``shard``: seed, rank, world_size, indices, as :class:`EpochSampler`."""
+        super().__init__(dataset_size, **shard)
         if window_size < 1 or stride < 1:
             raise ValueError(
                 f"sampler: window_size and stride must be >= 1, got {window_size=} {stride=}"
             )
         window = min(window_size, dataset_size)
         step = min(stride, window)
-        if step < world_size:
+        world = self.world_size
+        if step < world:
             raise ValueError(
                 f"sampler: stride {step} (after clipping to the dataset) is smaller than "
-                f"world_size {world_size}; every rank must advance by at least one image"
+                f"world_size {world}; every rank must advance by at least one image"
             )
         # Per-rank window and stride; the global ones are these times world_size.
-        self.rank_window = window // world_size
-        self.rank_stride = step // world_size
-        self.window_size = self.rank_window * world_size
-        self.stride = self.rank_stride * world_size
+        self.rank_window = window // world
+        self.rank_stride = step // world
+        self.window_size = self.rank_window * world
+        self.stride = self.rank_stride * world
         self.reshuffle = reshuffle
         self.passes_per_epoch = self.window_size / dataset_size
 
@@ -164,19 +218,17 @@ class SlidingWindowSampler(_ShardedSampler):
             return None, self.dataset_size, self.window_size, self.stride
         return self.indices, len(self.indices), self.rank_window, self.rank_stride
 
-    def _list(self, cycle: int, size: int) -> np.ndarray:
-        """The shuffled list of pool positions used on its `cycle`-th pass, shape (size,)."""
-        return list_order(self.seed, size, cycle if self.reshuffle else 0)
-
     def window(self, t: int) -> np.ndarray:
-        """Unshuffled content of window t in list order (this rank's pool), shape (window,)."""
+        """Unshuffled content of window t in list order (this rank's pool), shape (window,).
+        O(window): the list's permutation is computed at the window's positions only."""
         pool, size, window, stride = self._pool()
         positions = t * stride + np.arange(window, dtype=np.int64)
         cycles, offsets = np.divmod(positions, size)
         content = np.empty(window, dtype=np.int64)
         for c in np.unique(cycles):  # a window spans at most two passes of the list
             where = cycles == c
-            content[where] = self._list(int(c), size)[offsets[where]]
+            cycle = int(c) if self.reshuffle else 0
+            content[where] = list_order(self.seed, size, offsets[where], cycle)
         return content if pool is None else pool[content]
 
     def _epoch_order(self, epoch: int) -> np.ndarray:

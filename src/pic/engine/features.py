@@ -95,8 +95,9 @@ def evaluate(encoder: nn.Module, bank_set: Dataset, val_set: Dataset, knn: KNN,
              num_workers: int = 0) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """kNN for every ``k`` × ``T`` of ``knn`` and, unless ``probe`` is None, the probe on the
     same cached features: ``({"knn": {key: {top1, top5}}, "probe": {...}}, val features M×D,
-    val labels M)``. Every rank gets the same result."""
-    train_f, train_y = extract_features(encoder, bank_set, knn.batch_size, device, num_workers)
+    val labels M)``. Every rank gets the same result. The bank is ``knn.bank(bank_set)``."""
+    train_f, train_y = extract_features(encoder, knn.bank(bank_set), knn.batch_size, device,
+                                        num_workers)
     val_f, val_y = extract_features(encoder, val_set, knn.batch_size, device, num_workers)
     scores: dict[str, Any] = {"knn": knn.score(train_f, train_y, val_f, val_y, num_classes)}
     if probe is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -42,12 +43,15 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
 class KNN:
     """kNN settings: every ``k`` × ``temperature`` is scored (the first pair is the headline);
     ``features`` (``backbone`` | ``head``) says which output of a method is evaluated; ``every``
-    (epochs) enables a monitor during pretraining."""
+    (epochs) enables a monitor during pretraining. ``bank_size``: None, the whole training
+    split is the kNN bank and the probe's training set; a number, that many of its images drawn
+    without replacement regardless of label, seeded by ``bank_seed`` (:meth:`bank`)."""
 
     def __init__(self, k: Annotated[int | list[int], Positive] = (20, 200),
                  temperature: Annotated[float | list[float], Positive] = (0.07, 0.1),
                  features: str = "backbone", every: Annotated[int | None, Positive] = None,
-                 batch_size: Annotated[int, Positive] = 256) -> None:
+                 batch_size: Annotated[int, Positive] = 256,
+                 bank_size: Annotated[int | None, Positive] = None, bank_seed: int = 0) -> None:
         self.k = [k] if isinstance(k, int) else list(k)
         self.temperature = ([temperature] if isinstance(temperature, int | float)
                             else list(temperature))
@@ -57,6 +61,17 @@ class KNN:
         if features not in ("backbone", "head"):
             raise ValueError(f"eval.features={features!r}: choose backbone or head")
         self.features, self.every, self.batch_size = features, every, batch_size
+        self.bank_size, self.bank_seed = bank_size, bank_seed
+
+    def bank(self, train_set: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        """The training images evaluation reads: all, or ``bank_size`` of them in index order,
+        the same for a given ``bank_seed`` (O(bank_size) work: Floyd's sampling, no
+        permutation of N)."""
+        n = len(train_set)  # type: ignore[arg-type]
+        if self.bank_size is None or self.bank_size >= n:
+            return train_set
+        chosen = np.random.default_rng([self.bank_seed]).choice(n, self.bank_size, replace=False)
+        return torch.utils.data.Subset(train_set, np.sort(chosen).tolist())
 
     def score(self, train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor,
               val_y: torch.Tensor, num_classes: int) -> dict[str, dict[str, float]]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..data.samplers import list_order
+from ..data.samplers import LIST_ORDER, list_position
 from ..engine.optim import plain_sgd_group
 from .correction import Correction, initial_rows, uniform_rows
 from .deferred import DeferredUpdate
@@ -125,7 +125,6 @@ class SampledInstanceClassifier(DeferredUpdate, nn.Module):
         path = None if storage_dir is None else Path(storage_dir) / "pic_classifier.table"
         self.store = RowTable(num_instances, dim, dtype, storage, path)
         self.correction = Correction(num_instances)
-        self.row_of = None if order_seed is None else inverse_order(order_seed, num_instances)
         # The seed of the initial rows and of the uniform draws: from the global RNG, which
         # every rank has seeded identically.
         self.seed = int(torch.randint(2**62, ()).item())
@@ -148,9 +147,16 @@ class SampledInstanceClassifier(DeferredUpdate, nn.Module):
             self._started = True
 
     def rows_of(self, index: torch.Tensor) -> torch.Tensor:
-        """Table rows (int64, CPU) of instance indices."""
+        """Table rows (int64, CPU) of instance indices: O(len(index)), no N-sized map."""
         index = index.long().cpu()
-        return index if self.row_of is None else self.row_of[index].long()
+        if self.order_seed is None:
+            return index
+        return torch.from_numpy(list_position(self.order_seed, self.num_instances,
+                                              index.numpy()))
+
+    def _order(self) -> str | None:
+        """The name of the row order (the sampler list's permutation), None: index order."""
+        return None if self.order_seed is None else LIST_ORDER
 
     # ------------------------------------------------------------------ the step
     def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +307,8 @@ class SampledInstanceClassifier(DeferredUpdate, nn.Module):
         state: dict[str, Any] = {
             "num_instances": self.num_instances, "dim": self.dim, "t": self.t,
             "seed": self.seed, "fifo": self.fifo.clone(), "fifo_pos": self.fifo_pos,
-            "order_seed": self.order_seed, "dtype": str(self.store.dtype),
+            "order_seed": self.order_seed, "order": self._order(),
+            "dtype": str(self.store.dtype),
             "gen": self.store.gen, "correction": self.correction.state_dict()}
         if self.store.storage != "mmap":  # the live rows (device: a copy), saved at once
             state["table"] = self.store.table.cpu()
@@ -309,11 +316,15 @@ class SampledInstanceClassifier(DeferredUpdate, nn.Module):
 
     @torch.no_grad()
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        saved = (state["num_instances"], state["dim"], state["order_seed"], state["dtype"])
-        ours = (self.num_instances, self.dim, self.order_seed, str(self.store.dtype))
+        # Before LIST_ORDER, window order was numpy's permutation of the list.
+        saved = (state["num_instances"], state["dim"], state["order_seed"],
+                 state.get("order", "numpy" if state["order_seed"] is not None else None),
+                 state["dtype"])
+        ours = (self.num_instances, self.dim, self.order_seed, self._order(),
+                str(self.store.dtype))
         if saved != ours:
-            raise ValueError(f"checkpoint classifier is (N, D, order seed, dtype) = {saved}, "
-                             f"this model's is {ours} (different dataset or settings?)")
+            raise ValueError(f"checkpoint classifier is (N, D, order seed, order, dtype) = "
+                             f"{saved}, this model's is {ours} (different dataset or settings?)")
         self.t, self.seed = state["t"], state["seed"]
         self.fifo, self.fifo_pos = state["fifo"].clone(), state["fifo_pos"]
         self.correction.load_state_dict(state["correction"])
@@ -342,11 +353,3 @@ def check_settings(storage: str, sampling: str, num_negatives: int | None,
     if storage == "mmap" and storage_dir is None:
         raise ValueError("model.classifier_storage=mmap needs model.storage_dir (a directory "
                          "for the table file, normally the run directory)")
-
-
-def inverse_order(seed: int, n: int) -> torch.Tensor:
-    """row_of[i] = position of instance i in the sampler's list for ``seed`` (int32, N)."""
-    order = torch.from_numpy(list_order(seed, n))
-    row_of = torch.empty(n, dtype=torch.int32)
-    row_of[order] = torch.arange(n, dtype=torch.int32)
-    return row_of
