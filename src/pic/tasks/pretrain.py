@@ -16,8 +16,17 @@ from omegaconf import DictConfig
 
 from .. import dist
 from ..config import config_dict
+from ..engine.baseline_cache import baseline_context, cached_scores
 from ..engine.checkpoint import atomic_write_text, seed_everything
-from ..engine.features import BASELINES, encoder_of, eval_results, evaluate, headline, pixels
+from ..engine.features import (
+    BASELINES,
+    encoder_of,
+    eval_results,
+    evaluate,
+    evaluate_many,
+    headline,
+    pixels,
+)
 from ..engine.online_probe import OnlineProbe
 from ..engine.optim import scaled_lr
 from ..engine.probe import FeatureProbe
@@ -68,8 +77,12 @@ class Pretrain:
         encoder = encoder_of(model, knn.features)
         clock = time.perf_counter()
         settings = {"eval": config_dict(cfg.eval), "probe": config_dict(cfg.task).get("probe")}
-        baselines = self._baselines(out_dir, lambda e: scored(e, probe=self.probe)[0], encoder,
-                                    settings)
+        context = baseline_context(cfg, bank_set, val_set, trainer.device)
+        score_many = partial(evaluate_many, bank_set=bank_set, val_set=val_set, knn=knn,
+                             probe=self.probe, num_classes=data.num_classes,
+                             device=trainer.device, num_workers=trainer.num_workers)
+        baselines = self._baselines(out_dir, lambda nets: cached_scores(
+            nets, context, lambda missing: score_many(missing)[0]), encoder, settings)
         timing = {"baselines_time_s": time.perf_counter() - clock}
         online = self._online_probe(model, train_set, data.num_classes, trainer)
 
@@ -139,9 +152,10 @@ class Pretrain:
         done = json.loads(path.read_text()) if path.is_file() else {}
         if done.get("settings") != settings:  # a resume with other eval settings: score again
             done = {"settings": settings}
-        for name in wanted:
-            if name not in done:
-                done[name] = score(encoder if name == "random_init" else pixels())
+        missing = {name: encoder if name == "random_init" else pixels()
+                   for name in wanted if name not in done}
+        if missing:  # the user's cache, else one pass over the images for all of them
+            done.update(score(missing))
         if dist.is_main():
             atomic_write_text(json.dumps(done), path)
         return {name: done[name] for name in wanted}
