@@ -156,9 +156,11 @@ def several_steps(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
 
 
 def shuffle_bn(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """float64: the keys are compared with a one-process computation (see ``F64``)."""
     torch.manual_seed(0)
-    model = MoCo(tiny(), num_instances=N, feature_dim=8, queue_size=BATCH)
+    model = MoCo(tiny(), num_instances=N, feature_dim=8, queue_size=BATCH).double()
     (x, _), _ = local(*batch(7), rank, world)
+    x = x.double()
     shuffled, perm = model.shuffle(x)
     torch.manual_seed(SHUFFLE_SEED)  # rank 0's draw decides the permutation
     return {"shuffled": shuffled, "perm": perm, "keys": model.keys(x)}
@@ -170,7 +172,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch_dist.init_process_group("gloo", rank=rank, world_size=world,
                                   timeout=datetime.timedelta(seconds=60))
     try:
-        results = {name: one_step(name, rank, world) for name in ONE_STEP}
+        results = {name: one_step(name, rank, world, "fp64") for name in ONE_STEP}
         results["simclr_bf16"] = one_step("simclr", rank, world, "bf16")
         results["simclr_bf16_local_bn"] = one_step("simclr", rank, world, "bf16", sync_bn=False)
         results["autocast"] = {(name, precision): autocast_step(name, precision, rank, world)
@@ -195,14 +197,21 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, 
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
+# float64: 2 ranks and 1 process differ only in the order of their sums (SyncBN statistics,
+# the gradient all-reduce), each off by a few hundred units of float64 roundoff (1.1e-16) at
+# most after one step of these small networks: 1e-10 leaves a margin of 10^3 whatever the CPU's
+# vector width, and is 10^7 below what a wrong split or scale would cost (``moved`` below).
+F64 = {"rtol": 1e-10, "atol": 1e-12}
+
+
 @pytest.mark.parametrize("name", ONE_STEP)
 def test_one_step_on_two_ranks_equals_one_process(ranks, name: str) -> None:
-    expected = one_step(name, rank=0, world=1)
+    expected = one_step(name, rank=0, world=1, precision="fp64")
     for r in range(WORLD):
         got = ranks[r][name]
         assert got.keys() == expected.keys()
         for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
+            torch.testing.assert_close(got[key], value, **F64, msg=key)
     start = {"simclr": lambda: SimCLR(tiny(), feature_dim=8),
              "simclr_per_crop": lambda: SimCLR(tiny(), feature_dim=8),
              "pic": lambda: PIC(NoBNNet(), num_instances=N, feature_dim=8)}[name]
@@ -239,15 +248,16 @@ def test_moco_shuffle_bn_permutes_across_ranks(ranks) -> None:
     assert torch.equal(perm.sort().values, torch.arange(BATCH))
     for r in range(WORLD):
         mine = perm[r * half:(r + 1) * half]
-        torch.testing.assert_close(ranks[r]["shuffle_bn"]["shuffled"], x[mine])
+        assert torch.equal(ranks[r]["shuffle_bn"]["shuffled"], x[mine].double())  # a gather
         assert ((mine // half) != r).any(), "no sample crossed to another rank"
     # The keys: each rank's key-encoder BN saw its permuted slice, then outputs went home.
     torch.manual_seed(0)
-    model = MoCo(tiny(), num_instances=N, feature_dim=8, queue_size=BATCH)
+    model = MoCo(tiny(), num_instances=N, feature_dim=8, queue_size=BATCH).double()
+    x = x.double()
     torch.manual_seed(SHUFFLE_SEED)
     perm = torch.randperm(BATCH)
     with torch.no_grad():
-        out = torch.empty(BATCH, 8)
+        out = torch.empty(BATCH, 8, dtype=torch.float64)
         for r in range(WORLD):
             rows = perm[r * half:(r + 1) * half]
             out[rows] = model.key_encoder([x[rows]])[0]
@@ -255,7 +265,7 @@ def test_moco_shuffle_bn_permutes_across_ranks(ranks) -> None:
                                    for r in range(WORLD)])
     expected = nn.functional.normalize(out, dim=1)
     got = torch.cat([ranks[r]["shuffle_bn"]["keys"] for r in range(WORLD)])
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected, **F64)
     # Without the shuffle the keys would differ: the check above sees which samples shared BN.
     assert (nn.functional.normalize(unshuffled_bn, dim=1) - expected).abs().max() > 1e-3
 
