@@ -172,7 +172,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch_dist.init_process_group("gloo", rank=rank, world_size=world,
                                   timeout=datetime.timedelta(seconds=60))
     try:
-        results = {name: one_step(name, rank, world, "fp64") for name in ONE_STEP}
+        results = {name: one_step(name, rank, world) for name in ONE_STEP}
         results["simclr_bf16"] = one_step("simclr", rank, world, "bf16")
         results["simclr_bf16_local_bn"] = one_step("simclr", rank, world, "bf16", sync_bn=False)
         results["autocast"] = {(name, precision): autocast_step(name, precision, rank, world)
@@ -197,21 +197,33 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, 
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-# float64: 2 ranks and 1 process differ only in the order of their sums (SyncBN statistics,
-# the gradient all-reduce), each off by a few hundred units of float64 roundoff (1.1e-16) at
-# most after one step of these small networks: 1e-10 leaves a margin of 10^3 whatever the CPU's
-# vector width, and is 10^7 below what a wrong split or scale would cost (``moved`` below).
+# float64 (unit roundoff 1.1e-16): computations that differ only in the order of their sums
+# agree to a few hundred roundoffs after one step of these small networks; 1e-10 leaves a margin
+# of 10^3 on any CPU and is 10^7 below what a wrong split would cost.
 F64 = {"rtol": 1e-10, "atol": 1e-12}
+U32 = 2.0 ** -24  # float32's unit roundoff
 
 
 @pytest.mark.parametrize("name", ONE_STEP)
 def test_one_step_on_two_ranks_equals_one_process(ranks, name: str) -> None:
+    """float32 on 2 ranks and in 1 process against the float64 step. The split changes only the
+    order of float32 sums (SyncBN statistics, the gradient all-reduce), so each run is about as
+    far from exact arithmetic as the other: per tensor, the 2-rank error is within 4 times the
+    1-process step's own error (the spread between two orderings' rounding errors), plus 8
+    roundoffs of the tensor's norm for tensors that the 1-process step happens to get exact.
+    The bound comes from the run itself, whatever the CPU's vector width."""
+    single = one_step(name, rank=0, world=1)
     expected = one_step(name, rank=0, world=1, precision="fp64")
     for r in range(WORLD):
         got = ranks[r][name]
         assert got.keys() == expected.keys()
         for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, **F64, msg=key)
+            if not value.is_floating_point():
+                assert torch.equal(got[key], single[key]), key
+                continue
+            bound = 4 * (single[key].double() - value).norm() + 8 * U32 * value.norm()
+            error = (got[key].double() - value).norm()
+            assert error <= bound, (key, error.item(), bound.item())
     start = {"simclr": lambda: SimCLR(tiny(), feature_dim=8),
              "simclr_per_crop": lambda: SimCLR(tiny(), feature_dim=8),
              "pic": lambda: PIC(NoBNNet(), num_instances=N, feature_dim=8)}[name]
