@@ -108,7 +108,17 @@ def cached_scores(networks: dict[str, nn.Module], context: dict[str, Any],
                   compute: Callable[[dict[str, nn.Module]], dict[str, Any]]
                   ) -> dict[str, Any]:
     """Per name the scores of ``networks``: from the cache where it holds them, the others by
-    ``compute`` (one call for all of them, e.g. one pass over the images), then stored."""
+    ``compute`` (one call for all of them, e.g. one pass over the images), then stored.
+
+    torch's CPU generator is left as found (a loader draws its seed from it): the training
+    after draws the same numbers whether the cache held the baselines or not."""
+    with torch.random.fork_rng(devices=[]):
+        return _cached_scores(networks, context, compute)
+
+
+def _cached_scores(networks: dict[str, nn.Module], context: dict[str, Any],
+                   compute: Callable[[dict[str, nn.Module]], dict[str, Any]]
+                   ) -> dict[str, Any]:
     folder = cache_dir()
     if folder is None:
         return compute(networks)
