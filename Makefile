@@ -38,10 +38,12 @@ train: $(STAMP) $(NATIVE)
 # of an AVX2-only machine (no AVX-512, no native bf16): tolerances must hold on either kind. A
 # fresh inductor cache, since kernels compiled for AVX-512 would be reused otherwise.
 NUMERICS := tests/test_losses.py tests/test_pic_scale.py tests/test_distributed.py \
-	tests/test_knn_schedules.py tests/test_eval.py tests/test_trainer_options.py
+	tests/test_knn_schedules.py tests/test_eval.py tests/test_trainer_options.py \
+	tests/test_methods.py
 
+# --durations=20: CI's log names the slowest tests.
 test: $(STAMP) $(NATIVE)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest --durations=20 $(ARGS)
 	@if [ -z "$(ARGS)" ]; then \
 	  echo "== numerics under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"; \
 	  cache=$$(mktemp -d) && ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \

@@ -36,7 +36,8 @@ def test_two_processes_with_default_evaluation_write_results(tmp_path: Path) -> 
     cmd = [sys.executable, "launch.py", *SMALL_DATA, "cluster.nproc_per_node=2",
            "trainer.max_steps=2", "trainer.batch_size=32", "trainer.precision=fp32",
            "trainer.num_workers=0", "logger=none", f"hydra.run.dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # An empty baseline cache: both ranks score the baselines (and agree on the cache's miss).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIC_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
@@ -46,6 +47,7 @@ def test_two_processes_with_default_evaluation_write_results(tmp_path: Path) -> 
     assert sorted(results["eval"]["trained"]["knn"]) == ["k200_t0.07", "k200_t0.1",
                                                          "k20_t0.07", "k20_t0.1"]
     assert (run / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((tmp_path / "cache" / "baselines").glob("*.json"))) == 2  # rank 0 wrote
 
 
 # ----------------------------------------------------------------------------- kNN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,14 +13,19 @@ from pic.engine.checkpoint import load_checkpoint
 
 from .helpers import ROOT
 
+# A bare environment otherwise: the session's baseline cache (tests/conftest.py), and the
+# sources under test when PYTHONPATH points at a checkout other than the installed one.
+PASSED = ("PIC_CACHE_DIR", "PYTHONPATH")
+
 
 def test_launch_writes_every_artifact(tmp_path):
     out = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "PATH": "/usr/bin:/bin",
+           **{k: os.environ[k] for k in PASSED if k in os.environ}}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), f"hydra.run.dir={out}", "trainer.max_steps=3",
          "trainer.batch_size=128", "backbone.widths=[8,16]", "trainer.num_workers=0"],
-        capture_output=True, text=True, env={"WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"},
-        timeout=600)
+        capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "config.yaml").is_file() and (out / ".hydra" / "config.yaml").is_file()
     assert (out / "summary.png").stat().st_size > 10_000

@@ -39,6 +39,21 @@ def unit(v: list[float]) -> list[float]:
     return [x / n for x in v]
 
 
+U32 = 2.0 ** -24  # float32's unit roundoff
+
+
+def cosine_ce_tolerance(dim: int, temperature: float, logits: int, rows: int,
+                        loss: float) -> float:
+    """Worst-case |float32 − float64| of a mean cross-entropy over cosine logits / T when both
+    start from the same float32 features (dim each). Normalising a vector and taking a dot
+    product of dim terms is off by ≤ (2·dim + 4)·u (terms bounded by 1), dividing by T by one
+    more rounding: each logit by ≤ (2·dim + 5)·u / T. −log softmax moves by at most twice the
+    largest logit error; its float32 log-sum-exp over ``logits`` terms adds ≤ (logits + 3)·u
+    and the mean over ``rows`` ≤ (rows + 2)·u·|loss|."""
+    per_logit = (2 * dim + 5) * U32 / temperature
+    return 2 * per_logit + (logits + 3) * U32 + (rows + 2) * U32 * abs(loss)
+
+
 def dot(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
@@ -53,7 +68,8 @@ def softmax_ce_first(logits: list[float]) -> float:
 def test_instdisc_bank_rows_unit_norm_at_init() -> None:
     model = InstDisc(tiny_backbone(), num_instances=30, feature_dim=8)
     assert model.bank.shape == (30, 8)
-    torch.testing.assert_close(model.bank.norm(dim=1), torch.ones(30))
+    # Norms of float32 unit vectors of 8 terms: ≤ (8 + 4)·u from 1.
+    torch.testing.assert_close(model.bank.norm(dim=1), torch.ones(30), rtol=0, atol=12 * U32)
 
 
 def test_instdisc_negatives_uniform_over_others_and_clipped() -> None:
@@ -88,7 +104,8 @@ def test_instdisc_softmax_loss_matches_loop_reference() -> None:
         logits = [dot(q, bank[int(index[b])]) / 0.1] + [dot(q, bank[int(j)]) / 0.1
                                                           for j in neg[b]]
         expected += softmax_ce_first(logits) / 4
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=0, abs=cosine_ce_tolerance(
+        8, 0.1, len(logits), 4, expected))
     assert metrics["loss"].requires_grad is False
 
 
@@ -107,7 +124,10 @@ def test_instdisc_nce_estimates_z_once_and_keeps_it() -> None:
     for b in range(4):
         q = unit(feats[b].tolist())
         total += sum(math.exp(dot(q, bank[int(j)]) / 0.07) for j in neg[b])
-    assert model.z.item() == pytest.approx(n * total / (4 * 6), rel=1e-4)
+    # exp of a logit off by ≤ (2·8 + 5)·u / 0.07 (cosine_ce_tolerance): that relative error
+    # (×1.01 for exp's curvature), plus the float32 mean of 24 terms and the scaling by n.
+    rel = 1.01 * 21 * U32 / 0.07 + (24 + 4) * U32
+    assert model.z.item() == pytest.approx(n * total / (4 * 6), rel=rel, abs=0)
     z = model.z.clone()
     model([images(4, 3)], index)
     assert torch.equal(model.z, z)
@@ -124,8 +144,10 @@ def test_instdisc_bank_update_after_step_only() -> None:
     for b, i in enumerate(index.tolist()):
         f = unit(feats[b].tolist())
         row = unit([0.5 * m + 0.5 * v for m, v in zip(before[i].tolist(), f, strict=True)])
+        # Unit vectors of 8 terms, from the same float32 inputs: the momentum mix (2 roundings
+        # of terms ≤ 1), the norm (8 + 2) and the division (1): ≤ 13·u per element.
         torch.testing.assert_close(model.bank[i].double(), torch.tensor(row, dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=0, atol=13 * U32)
     untouched = [i for i in range(10) if i not in index.tolist()]
     assert torch.equal(model.bank[untouched], before[untouched])
 
@@ -191,7 +213,8 @@ def test_moco_loss_positive_first_against_queue() -> None:
         qb, kb = unit(q[b].tolist()), unit(k[b].tolist())
         logits = [dot(qb, kb) / 0.2] + [dot(qb, n) / 0.2 for n in queue]
         expected += softmax_ce_first(logits) / 4
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=0, abs=cosine_ce_tolerance(
+        8, 0.2, len(logits), 4, expected))
 
 
 def test_moco_enqueue_and_momentum_update_after_step() -> None:
@@ -200,19 +223,24 @@ def test_moco_enqueue_and_momentum_update_after_step() -> None:
         assert torch.equal(q, k) and not k.requires_grad
     queue = model.queue.clone()
     x2 = images(4, 1)
+    torch.manual_seed(4)
     model([images(4, 0), x2], torch.arange(4))
-    keys = nn.functional.normalize(model.key_encoder([x2])[0], dim=1)
+    torch.manual_seed(4)  # the same shuffle, so the same BN sums: the same keys, bit for bit
+    keys = model.keys(x2)
     assert torch.equal(model.queue, queue) and model.queue_ptr.item() == 0  # not before the step
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)  # stands in for the optimizer step
     old_keys = [k.clone() for k in model.key_encoder.parameters()]
     model.after_step()
-    torch.testing.assert_close(model.queue[:4], keys)
+    assert torch.equal(model.queue[:4], keys)
     assert torch.equal(model.queue[4:], queue[4:]) and model.queue_ptr.item() == 4
     for q, k, old in zip(model.encoder.parameters(), model.key_encoder.parameters(), old_keys,
                          strict=True):
-        torch.testing.assert_close(k.double(), 0.9 * old.double() + 0.1 * q.double())
+        # float32 m·k + (1 − m)·q: 0.9 and 0.1 rounded (1 u each), two products and a sum.
+        exact = 0.9 * old.double() + 0.1 * q.double()
+        bound = 4 * U32 * (0.9 * old.double().abs() + 0.1 * q.double().abs())
+        assert ((k.double() - exact).abs() <= bound).all()
     model([images(4, 2), images(4, 3)], torch.arange(4))
     model.after_step()
     assert model.queue_ptr.item() == 0  # wrapped around
@@ -237,7 +265,8 @@ def test_simclr_loss_matches_loop_reference() -> None:
         logits = [dot(z[i], z[pos]) / 0.1] + [dot(z[i], z[j]) / 0.1 for j in range(6)
                                                if j not in (i, pos)]
         expected += softmax_ce_first(logits) / 6
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=0, abs=cosine_ce_tolerance(
+        8, 0.1, len(logits), 6, expected))
 
 
 def test_simclr_needs_two_views() -> None:
@@ -263,7 +292,13 @@ def test_lars_matches_loop_reference() -> None:
     for name, p in model.named_parameters():
         w = start[name].flatten().tolist()
         buf = [0.0] * len(w)
+        size = len(w)
         adapt = name == "0.weight"  # only the matrix: biases and BN are excluded
+        # float32's error per step and element: g + wd·w (2 roundings), the trust ratio (two
+        # norms of ``size`` terms, a division and a product: ≤ (size + 6)·u), the momentum
+        # buffer (3) and the update (2), each relative to the magnitudes it combines; ×2 for
+        # the earlier steps' errors that later ones carry (lr·wd·ratio ≪ 1 here).
+        magnitude = [0.0] * size
         for g in grads:
             # Each recorded gradient was taken at the weights of that step: replay from start.
             gv = g[name].flatten().tolist()
@@ -272,9 +307,12 @@ def test_lars_matches_loop_reference() -> None:
             if adapt:
                 ratio = 0.01 * math.sqrt(sum(x * x for x in w)) / math.sqrt(sum(x * x for x in u))
             buf = [0.9 * bi + ratio * ui for bi, ui in zip(buf, u, strict=True)]
+            magnitude = [m + abs(wi) + lr * abs(bi) + lr * ratio * abs(ui)
+                         for m, wi, bi, ui in zip(magnitude, w, buf, u, strict=True)]
             w = [wi - lr * bi for wi, bi in zip(w, buf, strict=True)]
-        torch.testing.assert_close(p.detach().double().flatten(),
-                                   torch.tensor(w, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+        bound = torch.tensor(magnitude, dtype=torch.float64) * 2 * (size + 13) * U32
+        error = (p.detach().double().flatten() - torch.tensor(w, dtype=torch.float64)).abs()
+        assert (error <= bound).all(), (name, error, bound)
 
 
 # ------------------------------------------------------------------------ BN: sync, per crop
@@ -286,12 +324,14 @@ def test_batchnorm_conversion_keeps_state_and_is_plain_bn_in_one_process() -> No
     converted.load_state_dict(net.state_dict())
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
     assert any(isinstance(m, BatchNorm) and m.sync for m in converted.modules())
-    x = images(6, 1)
-    torch.testing.assert_close(converted(x), net(x))
-    torch.testing.assert_close(converted.state_dict(), net.state_dict())
+    # float64: the two compute the same function, in the order of their sums only (F64).
+    net, converted, x = net.double(), converted.double(), images(6, 1).double()
+    torch.testing.assert_close(converted(x), net(x), **F64)
+    torch.testing.assert_close(converted.state_dict(), net.state_dict(), **F64)
 
 
-# float64: the per-crop and the separate computations differ only in summation order.
+# float64 (unit roundoff 1.1e-16): the per-crop and the separate computations, and a converted
+# BN and torch's, differ only in summation order.
 F64 = {"rtol": 1e-12, "atol": 1e-12}
 
 
@@ -349,8 +389,9 @@ def test_google_simclr_head_bn_in_every_layer_no_bias_in_the_last() -> None:
     assert len(linears) == len(norms) == 2 and all(m.bias is None for m in linears)
     assert isinstance(head[-1], nn.BatchNorm1d) and head[-1].bias is None
     assert head[-1].weight is not None and norms[0].bias is not None
-    out = head(torch.randn(6, 16))  # the output of a fresh head: zero mean per feature
-    torch.testing.assert_close(out.mean(0), torch.zeros(8), atol=1e-6, rtol=0)
+    # The output of a fresh head: zero mean per feature (float64: rounding only, see F64).
+    out = copy.deepcopy(head).double()(torch.randn(6, 16, dtype=torch.float64))
+    torch.testing.assert_close(out.mean(0), torch.zeros(8, dtype=torch.float64), **F64)
     model = SimCLR(tiny_backbone(), feature_dim=8, head_batch_norm=True, bn_per_crop=True)
     assert "encoder.head.4.bias" not in model.state_dict()
     model([images(4, 0), images(4, 1)], torch.arange(4))[0].backward()

@@ -7,8 +7,10 @@ holds), the network runs in eval mode (BN running statistics) and gets its mode 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from .. import dist
 from .knn import KNN
 from .probe import FeatureProbe
 
+log = logging.getLogger(__name__)
 Dataset = torch.utils.data.Dataset
 BASELINES = ("random_init", "pixels")
 
@@ -60,19 +63,33 @@ def gather_rows(local: torch.Tensor, n: int, device: torch.device) -> torch.Tens
 
 
 @torch.no_grad()
+def extract_many(encoders: dict[str, nn.Module], dataset: Dataset, batch_size: int,
+                 device: torch.device, num_workers: int = 0
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each encoder's outputs (N×D float32, on CPU, not normalised) and the labels (N) of a
+    whole dataset, identical on every rank, from ONE pass over its images (each is decoded once
+    for all encoders). Items carry one view (``crops[0]``)."""
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    labels = []
+    with ExitStack() as modes:
+        for encoder in encoders.values():
+            modes.enter_context(eval_mode(encoder))
+        for batch in rank_loader(dataset, batch_size, num_workers):
+            x = batch["crops"][0].to(device, non_blocking=True)
+            for name, encoder in encoders.items():
+                feats[name].append(encoder(x).float().flatten(1).cpu())
+            labels.append(batch["label"])
+    n = len(dataset)  # type: ignore[arg-type]
+    return ({name: gather_rows(torch.cat(f), n, device) for name, f in feats.items()},
+            gather_rows(torch.cat(labels), n, device))
+
+
 def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int,
                      device: torch.device, num_workers: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``encoder``'s outputs (N×D float32, on CPU, not normalised) and the labels (N) of a
-    whole dataset, identical on every rank. Items carry one view (``crops[0]``)."""
-    feats, labels = [], []
-    with eval_mode(encoder):
-        for batch in rank_loader(dataset, batch_size, num_workers):
-            x = batch["crops"][0].to(device, non_blocking=True)
-            feats.append(encoder(x).float().flatten(1).cpu())
-            labels.append(batch["label"])
-    n = len(dataset)  # type: ignore[arg-type]
-    return gather_rows(torch.cat(feats), n, device), gather_rows(torch.cat(labels), n, device)
+    """``encoder``'s outputs (N×D) and the labels (N) of a whole dataset (see ``extract_many``)."""
+    feats, labels = extract_many({"encoder": encoder}, dataset, batch_size, device, num_workers)
+    return feats["encoder"], labels
 
 
 def encoder_of(model: nn.Module, features: str) -> nn.Module:
@@ -96,12 +113,37 @@ def evaluate(encoder: nn.Module, bank_set: Dataset, val_set: Dataset, knn: KNN,
     """kNN for every ``k`` × ``T`` of ``knn`` and, unless ``probe`` is None, the probe on the
     same cached features: ``({"knn": {key: {top1, top5}}, "probe": {...}}, val features M×D,
     val labels M)``. Every rank gets the same result. The bank is ``knn.bank(bank_set)``."""
-    train_f, train_y = extract_features(encoder, knn.bank(bank_set), knn.batch_size, device,
-                                        num_workers)
-    val_f, val_y = extract_features(encoder, val_set, knn.batch_size, device, num_workers)
-    scores: dict[str, Any] = {"knn": knn.score(train_f, train_y, val_f, val_y, num_classes)}
-    if probe is not None:
-        scores["probe"] = probe.fit(train_f, train_y, val_f, val_y, num_classes)
+    scores, val_f, val_y = evaluate_many({"encoder": encoder}, bank_set, val_set, knn, probe,
+                                         num_classes, device, num_workers)
+    return scores["encoder"], val_f["encoder"], val_y
+
+
+def evaluate_many(encoders: dict[str, nn.Module], bank_set: Dataset, val_set: Dataset,
+                  knn: KNN, probe: FeatureProbe | None, num_classes: int, device: torch.device,
+                  num_workers: int = 0
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor], torch.Tensor]:
+    """``evaluate`` for several encoders from one pass over each split: per name its scores
+    and val features (M×D), and the val labels (M). Logs each phase's time."""
+    clock = time.perf_counter()
+    train_f, train_y = extract_many(encoders, knn.bank(bank_set), knn.batch_size, device,
+                                    num_workers)
+    val_f, val_y = extract_many(encoders, val_set, knn.batch_size, device, num_workers)
+    log.info("evaluation of %s: features of %d + %d images, %.1f s", ", ".join(encoders),
+             len(train_y), len(val_y), time.perf_counter() - clock)
+    scores: dict[str, dict[str, Any]] = {}
+    for name in encoders:
+        clock = time.perf_counter()
+        scores[name] = {"knn": knn.score(train_f[name], train_y, val_f[name], val_y,
+                                         num_classes)}
+        line = (f"evaluation of {name}: kNN ({len(knn.k) * len(knn.temperature)} k × T) "
+                f"{time.perf_counter() - clock:.1f} s")
+        if probe is not None:
+            clock = time.perf_counter()
+            scores[name]["probe"] = probe.fit(train_f[name], train_y, val_f[name], val_y,
+                                              num_classes)
+            line += (f", probe ({train_f[name].shape[1]}-d, {len(probe.lr)} lr × "
+                     f"{len(probe.weight_decay)} wd) {time.perf_counter() - clock:.1f} s")
+        log.info("%s", line)
     return scores, val_f, val_y
 
 

@@ -16,8 +16,17 @@ from omegaconf import DictConfig
 
 from .. import dist
 from ..config import config_dict
+from ..engine.baseline_cache import baseline_context, cached_scores
 from ..engine.checkpoint import atomic_write_text, seed_everything
-from ..engine.features import BASELINES, encoder_of, eval_results, evaluate, headline, pixels
+from ..engine.features import (
+    BASELINES,
+    encoder_of,
+    eval_results,
+    evaluate,
+    evaluate_many,
+    headline,
+    pixels,
+)
 from ..engine.online_probe import OnlineProbe
 from ..engine.optim import scaled_lr
 from ..engine.probe import FeatureProbe
@@ -116,10 +125,11 @@ class Pretrain:
         done = json.loads(path.read_text()) if path.is_file() else {}
         if done.get("settings") != settings:  # a resume with other eval settings: score again
             done = {"settings": settings}
-        for name in wanted:
-            if name not in done:
-                network = scoring.encoder if name == "random_init" else pixels()
-                done[name] = scoring.score(network, probe=self.probe)[0]
+        missing = {name: scoring.encoder if name == "random_init" else pixels()
+                   for name in wanted if name not in done}
+        if missing:  # the user's cache, else one pass over the images for all of them
+            done.update(cached_scores(missing, scoring.context, lambda networks: (
+                scoring.score_many(networks, probe=self.probe)[0])))
         if dist.is_main():
             atomic_write_text(json.dumps(done), path)
         return {name: done[name] for name in wanted}
@@ -135,9 +145,12 @@ class Scoring:
                  out_dir: Path) -> None:
         self.knn = instantiate(cfg.eval)
         bank_set, self.val_set = eval_splits(data)
-        self.score = partial(evaluate, bank_set=bank_set, val_set=self.val_set, knn=self.knn,
-                             num_classes=data.num_classes, device=trainer.device,
-                             num_workers=trainer.num_workers)
+        common = {"bank_set": bank_set, "val_set": self.val_set, "knn": self.knn,
+                  "num_classes": data.num_classes, "device": trainer.device,
+                  "num_workers": trainer.num_workers}
+        self.score = partial(evaluate, **common)
+        self.score_many = partial(evaluate_many, **common)  # several networks, one pass
+        self.context = baseline_context(cfg, bank_set, self.val_set, trainer.device)
         self.encoder = encoder_of(model, self.knn.features)
         self.model, self.trainer = model, trainer
         self.online: OnlineProbe | None = None
