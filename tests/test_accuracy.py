@@ -24,7 +24,10 @@ SEED_MIN: dict[str, dict[str, float]] = {
     "MoCo v1": {"knn200": 43.70, "probe": 91.48},
     "InstDisc": {"knn200": 55.56, "probe": 87.96},
 }
-HEADROOM = 3.0  # top-1 points below the lowest seed: more than the seeds' spread on one CPU
+# Top-1 points below the lowest seed. Another CPU's rounding moves a run like another seed: the
+# seed-0 InstDisc run under AVX2 dispatch (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
+# scored kNN-200 52.04 where it scored 55.56 with AVX-512, 3.5 below the lowest seed.
+HEADROOM = 6.0
 # Beating the same network at random init is asserted on kNN-200, where every method gained at
 # every seed (3.3-22.2 points). The probe did not (PIC -0.2 and MoCo v1 -0.9 at seed 0: at
 # random init it already scores 90.6-92.8 on these digits, pixels 96.1): there the floor holds.
