@@ -24,6 +24,7 @@ burst of load spoils no single configuration.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 B, D = 256, 128
 
@@ -52,6 +54,17 @@ def mem_available() -> int:
     raise KeyError("MemAvailable")
 
 
+def sliding_window(n: int) -> Iterator[int]:
+    """The sliding-window sampler's images, window after window (one window of N <= W images
+    is shorter than the bench)."""
+    from pic.data.samplers import SlidingWindowSampler
+
+    sampler = SlidingWindowSampler(n)
+    for t in itertools.count():
+        sampler.set_epoch(t)
+        yield from sampler
+
+
 def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str,
             every: int) -> dict:
     """Runs in the subprocess: build the head, time ``steps`` steps after 3 warm-up steps,
@@ -60,7 +73,6 @@ def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str
 
     import torch
 
-    from pic.data.samplers import SlidingWindowSampler
     from pic.losses import instance_classification_loss
     from pic.networks.classifier import InstanceClassifier, SampledInstanceClassifier
 
@@ -88,7 +100,7 @@ def measure(kind: str, n: int, k: int, steps: int, directory: str, sampling: str
         clf.store.scatter = lambda r, raw: visited.update(r.tolist()) or scatter(r, raw)
     # uniform: positives uniform over N too; recent: PIC's setting, positives from the sliding
     # window (default W and S), negatives the most recent rows.
-    window = iter(SlidingWindowSampler(n)) if sampling == "recent" else None
+    window = sliding_window(n) if sampling == "recent" else None
     for step in range(steps + 3):
         if window is None:
             labels = torch.randint(n, (B,))

@@ -183,7 +183,7 @@ def test_every_method_has_a_small_image_recipe() -> None:
 def test_small_image_recipe(name: str) -> None:
     """ResNet-18 with a 3×3 stem, batch 256, no Gaussian blur, the method's views per image;
     PIC: one view, sliding window with W/S = 8, recent negatives, classifier rows at norm 0.35
-    (the paper's lr/|w|^2 at lr 0.3)."""
+    (the paper's lr/|w|^2 at lr 0.3), BN in the head."""
     target, views, sampler = SMALL[name]
     cfg = compose_cfg(f"experiment={name}", "data=folder", "data.root=/d", "data.image_size=32")
     assert cfg.model._target_ == target and cfg.sampler._target_ == sampler
@@ -196,4 +196,16 @@ def test_small_image_recipe(name: str) -> None:
     if name == "small_pic":
         assert cfg.sampler.window_size == 8 * cfg.sampler.stride
         assert (cfg.model.negative_sampling, cfg.model.classifier_init_norm) == ("recent", 0.35)
-        assert cfg.model.num_negatives is not None
+        assert cfg.model.num_negatives is not None and cfg.model.head_batch_norm
+
+
+def test_small_pic_composes_with_multicrop() -> None:
+    """The recipe sets no key of one augmentation only, so `augmentation=multicrop` replaces
+    its one view (it failed to compose while small_pic set `augmentation.num_views`)."""
+    groups = "[{size:32,count:1,scale:[0.14,1.0]},{size:16,count:3,scale:[0.08,0.14]}]"
+    cfg = compose_cfg("experiment=small_pic", "augmentation=multicrop",
+                      f"augmentation.groups={groups}", "data=folder", "data.root=/d",
+                      "data.image_size=32")
+    crops = instantiate(cfg.augmentation)(Image.new("RGB", (32, 32), (90, 120, 30)))
+    assert [c.shape[-1] for c in crops] == [32, 16, 16, 16]
+    assert "GaussianBlur" not in repr(instantiate(cfg.augmentation))

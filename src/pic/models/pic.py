@@ -33,8 +33,8 @@ class PIC(Method):
                  negative_sampling: str = "recent", weight_correction: bool = True,
                  classifier_storage: str = "device", storage_dir: str | None = None,
                  classifier_order_seed: int | None = None, classifier_dtype: str = "float32",
-                 bn_per_crop: bool = False) -> None:
-        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop)
+                 bn_per_crop: bool = False, head_batch_norm: bool = False) -> None:
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop, head_batch_norm)
         self.temperature = temperature
         self.classifier: InstanceClassifier | SampledInstanceClassifier
         if num_negatives is None and classifier_storage == "device":
