@@ -3,7 +3,8 @@ the same network at random init and raw pixels.
 
 Each run is ``launch.py`` in a subprocess (``--precision``, fp32 by default; ``logger=none``,
 no plot, its own ``hydra.run.dir`` under ``--out``); the table is read from each run's
-``results.json``. Runs that finished before with the same command are reused, so an
+``results.json``. Runs that finished before with the same overrides and the same composed
+config are reused (an edited experiment file reruns them), so an
 interrupted bench continues.
 
     python bench/ssl_methods.py [--preset default|small|ci|real|claims] [--seeds 0 1 2] [--epochs E]
@@ -104,15 +105,37 @@ class Run:
                 f"seed={self.seed}", f"hydra.run.dir={self.run_dir}"]
 
 
-def execute(run: Run) -> dict:
-    """Run (or reuse) one launch.py run; returns its results.json plus the bench's wall time."""
+def recipe(run: Run) -> str:
+    """The config ``launch.py`` composes for the run (unresolved, Hydra's own node left out),
+    so that a finished run is reused only while its conf/ files still say the same."""
+    from omegaconf import OmegaConf
+
+    from pic.config import compose_config
+
+    tree = OmegaConf.to_container(compose_config(run.command()[2:], return_hydra_config=True))
+    tree.pop("hydra")
+    return OmegaConf.to_yaml(tree)
+
+
+def reusable(record: Path, command: list[str], config: str) -> dict | None:
+    """The finished run recorded in ``record`` if it is this one: the same overrides in any
+    order (Hydra applies them by key) and the same composed config (an edited experiment file
+    changes the run, whatever the command says)."""
+    if not record.is_file():
+        return None
+    done = json.loads(record.read_text())
+    same = sorted(done["command"][1:]) == sorted(command[1:]) and done.get("config") == config
+    return done if same else None
+
+
+def execute(run: Run, config: str | None = None) -> dict:
+    """Run (or reuse) one launch.py run; returns its results.json plus the bench's wall time.
+    ``config``: :func:`recipe` of the run (computed here if not given)."""
     record = run.run_dir / "bench.json"
     command = run.command()
-    if record.is_file():
-        done = json.loads(record.read_text())
-        # The same overrides in any order (Hydra applies them by key): the same run.
-        if sorted(done["command"][1:]) == sorted(command[1:]):
-            return done
+    config = recipe(run) if config is None else config
+    if (done := reusable(record, command, config)) is not None:
+        return done
     run.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     start = time.perf_counter()
@@ -126,8 +149,9 @@ def execute(run: Run) -> dict:
         raise RuntimeError(f"{run.label} seed {run.seed} failed (exit {code}): "
                            f"see {run.run_dir / 'bench.log'}")
     results = json.loads((run.run_dir / "results.json").read_text())
-    done = {"command": command, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "results": results, "eval": read_eval(run.run_dir)}
+    done = {"command": command, "config": config, "wall_s": wall,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "results": results,
+            "eval": read_eval(run.run_dir)}
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(done, indent=1, default=float))
     tmp.replace(record)
@@ -278,9 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     common = common_overrides(preset, epochs, batch,
                               [f"trainer.precision={args.precision}", *args.overrides])
     runs = plan(methods, common, args.seeds, args.out.resolve())
+    configs = [recipe(run) for run in runs]  # Hydra's compose is not thread-safe
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = list(pool.map(execute, runs))
+        done = list(pool.map(execute, runs, configs))
     by_method: dict[str, list[dict]] = {}
     for run, result in zip(runs, done, strict=True):
         by_method.setdefault(run.label, []).append(result)
