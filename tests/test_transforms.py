@@ -126,6 +126,24 @@ def test_multicrop_bad_groups_are_named(groups, message):
         T.MultiCrop(MEAN, STD, groups=groups)
 
 
+@pytest.mark.parametrize("min_scale", [0.08, 0.5])
+def test_simclr_crops_cover_at_least_min_scale_of_the_image(min_scale):
+    crop = T.simclr(32, MEAN, STD, min_scale=min_scale).crop
+    areas = []
+    for _ in range(500):
+        _, _, h, w = crop.box(32, 32)
+        areas.append(h * w / 32**2)
+    # Rounding h and w to whole pixels moves the area by < (h + w + 1) / 32² of the target.
+    assert min(areas) >= min_scale - 65 / 32**2 and max(areas) <= 1.0
+    assert min(areas) < min_scale + 0.1  # the bound is reached, not only respected
+
+
+@pytest.mark.parametrize("min_scale", [0.0, 1.5])
+def test_min_scale_outside_0_1_is_named(min_scale):
+    with pytest.raises(ValueError, match="augmentation.min_scale"):
+        T.simclr(32, MEAN, STD, min_scale=min_scale)
+
+
 def test_num_views_must_be_positive():
     with pytest.raises(ValueError, match="num_views"):
         T.simclr(32, MEAN, STD, num_views=0)

@@ -230,9 +230,11 @@ class MultiView:
 
 
 def simclr(size: int, mean: list[float], std: list[float], num_views: int = 2,
-           blur: float = 0.5) -> MultiView:
-    """SimCLR: RandomResizedCrop(size, 0.08-1), flip, colour jitter (0.8, 0.8, 0.8, 0.2) p=0.8,
-    grayscale p=0.2, Gaussian blur p=``blur`` (0.5)."""
+           blur: float = 0.5, min_scale: float = 0.08) -> MultiView:
+    """SimCLR: RandomResizedCrop(size, ``min_scale``-1: 0.08, the paper's), flip, colour jitter
+    (0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur p=``blur`` (0.5)."""
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"augmentation.min_scale={min_scale}: an area fraction in (0, 1]")
     pipeline = v2.Compose(
         [
             v2.RandomHorizontalFlip(),
@@ -240,7 +242,7 @@ def simclr(size: int, mean: list[float], std: list[float], num_views: int = 2,
             *_to_normalised_tensor(mean, std),
         ]
     )
-    return MultiView(pipeline, num_views, RandomResizedCrop(size, (0.08, 1.0)))
+    return MultiView(pipeline, num_views, RandomResizedCrop(size, (min_scale, 1.0)))
 
 
 def mocov2(size: int, mean: list[float], std: list[float], num_views: int = 2,
