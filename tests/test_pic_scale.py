@@ -514,3 +514,28 @@ def test_synthetic_fingerprint_at_1e8_images_lists_no_image() -> None:
     assert big == fingerprint(num_images=10**8)
     assert big != fingerprint(num_images=10**8 - 1) != fingerprint(num_images=10**8, seed=1)
     assert big != SyntheticData(num_images=10**8).build("val", lambda i: i).fingerprint()
+
+
+def test_a_correction_checkpoint_holds_only_the_written_blocks(monkeypatch) -> None:
+    """The checkpoint grows with the blocks visited, not with N, and restores every map
+    bitwise: a block never written keeps M = P (composed with the same maps), so it need not
+    be stored."""
+    monkeypatch.setattr(module, "MAX_GAP", 4)
+    monkeypatch.setattr(module, "BLOCK_ROWS", 8)
+    c = module.Correction(80)  # 10 blocks
+    for t in range(1, 8):
+        c.advance(t, lr=0.1 * t, m=0.9, lam=1e-3)
+        c.wrote(torch.tensor([9, 20 + t % 3]), t)  # blocks 1 and 2
+        for block in c.due(t).tolist():
+            c.parked(block, t)
+    assert (c.park >= 0).any()  # some parking happened
+    state = c.state_dict()
+    assert state["blocks"].tolist() == [1, 2] and state["M"].shape == (4, 2)
+    untouched = [b for b in range(10) if b not in (1, 2)]
+    assert torch.equal(c.M[:, untouched], c.P[:, None].expand(4, len(untouched)))
+    fresh = module.Correction(80)
+    fresh.load_state_dict(state)
+    for name in ("q", "P", "M", "park", "dirty"):
+        assert torch.equal(getattr(fresh, name), getattr(c, name)), name
+    with pytest.raises(ValueError, match="10 blocks of 8 rows, this classifier's 4 × 11"):
+        module.Correction(88).load_state_dict(state)

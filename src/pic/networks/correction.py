@@ -152,13 +152,24 @@ class Correction:
         self.M[:, block] = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"q": self.q, "P": self.P, "M": self.M, "park": self.park, "dirty": self.dirty,
-                "gap": self.gap, "block_rows": self.block_rows}
+        """Only the blocks ever written (a checkpoint grows with the rows visited, not with N):
+        every other block is as built, its M composed along with P, which equals P."""
+        active = ((self.park >= 0) | (self.dirty != CLEAN)).nonzero().flatten()
+        return {"q": self.q, "P": self.P, "blocks": active, "M": self.M[:, active],
+                "park": self.park[active], "dirty": self.dirty[active],
+                "num_blocks": self.park.numel(), "gap": self.gap, "block_rows": self.block_rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["gap"], state["block_rows"]) != (self.gap, self.block_rows):
+        if (state["gap"], state["block_rows"], state["num_blocks"]) != (
+                self.gap, self.block_rows, self.park.numel()):
             raise ValueError(f"checkpoint correction history is {state['gap']} updates × "
-                             f"{state['block_rows']}-row blocks, this code's "
-                             f"{self.gap} × {self.block_rows}")
-        for name in ("q", "P", "M", "park", "dirty"):
-            setattr(self, name, state[name].clone())
+                             f"{state['num_blocks']} blocks of {state['block_rows']} rows, "
+                             f"this classifier's {self.gap} × {self.park.numel()} of "
+                             f"{self.block_rows}")
+        self.q, self.P = state["q"].clone(), state["P"].clone()
+        self.M = self.P[:, None].repeat(1, self.park.numel())
+        self.park.fill_(-1)
+        self.dirty.fill_(CLEAN)
+        active = state["blocks"]
+        self.M[:, active], self.park[active], self.dirty[active] = (
+            state["M"], state["park"], state["dirty"])
