@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
+from pic.data.base import InstanceDataset
 from pic.data.samplers import EpochSampler
 from pic.engine.checkpoint import load_checkpoint
 from pic.tasks.finetune import LabelSubset, balanced_subset
@@ -42,6 +44,38 @@ def test_label_subset_renumbers_items() -> None:
     subset = LabelSubset(images, [7, 2])
     assert len(subset) == 2 and subset[0]["index"] == 0
     assert torch.equal(subset[0]["crops"][0], images[7]["crops"][0])
+
+
+class BadImages(InstanceDataset):
+    """10 one-pixel images whose pixel is their index; images 3 and 4 are unreadable."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda image: [torch.tensor(float(image.getpixel((0, 0))[0]))])
+
+    def __len__(self) -> int:
+        return 10
+
+    def load(self, index: int) -> Image.Image:
+        if index in (3, 4):
+            raise OSError("truncated file")
+        return Image.new("RGB", (1, 1), (index, 0, 0))
+
+    def label(self, index: int) -> int:
+        return index % 3
+
+
+def test_a_bad_labelled_image_is_replaced_by_the_next_labelled_one() -> None:
+    """The dataset alone would hand image 5 (unlabelled here) for image 3; the subset's item
+    must be a labelled image whose label the probe's table (read by subset index) gives."""
+    data = BadImages()
+    subset = LabelSubset(data, [1, 3, 8])
+    assert data[3]["index"] == 5  # the dataset's replacement: not in the subset
+    item = subset[1]
+    assert (item["index"], float(item["crops"][0]), item["replaced"]) == (2, 8.0, 1)
+    assert data.label(subset.indices[item["index"]]) == item["label"] == 2
+    assert float(subset[0]["crops"][0]) == 1.0 and subset[0]["replaced"] == 0
+    with pytest.raises(RuntimeError, match="none of the 2 labelled images"):
+        LabelSubset(data, [3, 4])[0]
 
 
 def test_label_subset_lists_the_items_this_ranks_cache_holds() -> None:

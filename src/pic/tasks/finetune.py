@@ -78,7 +78,17 @@ class LabelSubset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.dataset[self.indices[i]], "index": i}
+        """Item ``i``; an unreadable labelled image is replaced by the next labelled one this
+        rank holds. (The dataset's own replacement is the next image of the whole set, likely
+        unlabelled, whose crops would be trained with item ``i``'s label.)"""
+        own = self.rank_indices or range(len(self.indices))
+        start = own.index(i) if i in own else 0
+        for k in range(len(own)):
+            j = i if k == 0 else own[(start + k) % len(own)]
+            item = self.dataset[self.indices[j]]
+            if item["index"] == self.indices[j]:
+                return {**item, "index": j, "replaced": item["replaced"] + k}
+        raise RuntimeError(f"none of the {len(own)} labelled images of this rank is readable")
 
 
 class FineTuned(LinearProbe):
