@@ -182,8 +182,8 @@ def test_every_method_has_a_small_image_recipe() -> None:
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_small_image_recipe(name: str) -> None:
     """ResNet-18 with a 3×3 stem, batch 256, no Gaussian blur, the method's views per image;
-    PIC: one view, sliding window with W/S = 8, recent negatives, classifier rows at norm 0.35
-    (the paper's lr/|w|^2 at lr 0.3), BN in the head."""
+    PIC: one view, sliding window with W/S = 8, recent negatives, BN in the head, tau 0.1 and
+    classifier rows at norm 0.25 (4x the paper's lr / (tau |w|^2), at lr 0.3)."""
     target, views, sampler = SMALL[name]
     cfg = compose_cfg(f"experiment={name}", "data=folder", "data.root=/d", "data.image_size=32")
     assert cfg.model._target_ == target and cfg.sampler._target_ == sampler
@@ -195,7 +195,8 @@ def test_small_image_recipe(name: str) -> None:
         32] * views
     if name == "small_pic":
         assert cfg.sampler.window_size == 8 * cfg.sampler.stride
-        assert (cfg.model.negative_sampling, cfg.model.classifier_init_norm) == ("recent", 0.35)
+        assert (cfg.model.negative_sampling, cfg.model.classifier_init_norm,
+                cfg.model.temperature, cfg.optimizer.lr) == ("recent", 0.25, 0.1, 0.3)
         assert cfg.model.num_negatives is not None and cfg.model.head_batch_norm
 
 
