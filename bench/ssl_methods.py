@@ -128,6 +128,21 @@ def reusable(record: Path, command: list[str], config: str) -> dict | None:
     return done if same else None
 
 
+def claim(run_dir: Path, command: list[str], config: str) -> Path | None:
+    """Make ``run_dir`` this run's: a folder left by an interrupted start of the same run is
+    kept (launch.py resumes it); any other (another recipe, or from before the bench recorded
+    its starts) is moved aside, since launch.py would resume its checkpoint as this run's.
+    Returns where it went, or None."""
+    started, aside = run_dir / "bench-started.json", None
+    if run_dir.exists() and reusable(started, command, config) is None:
+        aside = next(path for n in range(1, 10**6) if not (
+            path := run_dir.with_name(f"{run_dir.name}.replaced-{n}")).exists())
+        run_dir.rename(aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps({"command": command, "config": config}))
+    return aside
+
+
 def execute(run: Run, config: str | None = None) -> dict:
     """Run (or reuse) one launch.py run; returns its results.json plus the bench's wall time.
     ``config``: :func:`recipe` of the run (computed here if not given)."""
@@ -136,7 +151,9 @@ def execute(run: Run, config: str | None = None) -> dict:
     config = recipe(run) if config is None else config
     if (done := reusable(record, command, config)) is not None:
         return done
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if (aside := claim(run.run_dir, command, config)) is not None:
+        print(f"{run.label} seed {run.seed}: another run's folder moved to {aside}",
+              file=sys.stderr)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     start = time.perf_counter()
     with open(run.run_dir / "bench.log", "w") as log:

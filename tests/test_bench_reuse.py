@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.ssl_methods import Run, recipe, reusable
+from bench.ssl_methods import Run, claim, recipe, reusable
 
 
 def test_a_finished_run_is_reused_only_for_the_same_overrides_and_config(
@@ -24,3 +24,20 @@ def test_a_finished_run_is_reused_only_for_the_same_overrides_and_config(
     # A record from before configs were recorded is not trusted.
     record.write_text(json.dumps({"command": command, "results": {}}))
     assert reusable(record, command, config) is None
+
+
+def test_a_rerun_never_resumes_another_runs_checkpoint(tmp_path: Path) -> None:
+    """A folder left by another recipe is moved aside (launch.py would resume its checkpoint
+    as this run's); one left by an interrupted start of the same run is kept, to resume."""
+    run_dir = tmp_path / "pic" / "seed0"
+    run = Run("PIC", ("experiment=small_pic", "data=folder", "data.root=/d"), 0, run_dir)
+    command, config = run.command(), recipe(run)
+    run_dir.mkdir(parents=True)
+    (run_dir / "current.pth").write_text("an older recipe's checkpoint")
+    aside = claim(run_dir, command, config)
+    assert aside is not None and (aside / "current.pth").is_file()
+    assert not (run_dir / "current.pth").exists()
+    (run_dir / "current.pth").write_text("this run's checkpoint, interrupted")
+    assert claim(run_dir, command, config) is None
+    assert (run_dir / "current.pth").is_file()
+    assert claim(run_dir, command, config + "# edited\n") is not None
