@@ -98,8 +98,10 @@ printf 'slurmctld %s\nslurmd-%s %s\nslurmd-%s %s\nslurmdbd %s\nmariadb %s\n' "$C
     "$NODE_A" "$NODE_A_PORT" "$NODE_B" "$NODE_B_PORT" "$DBD_PORT" "$DB_PORT" >"$STATE/ports"
 MUNGE_SOCKET=$STATE/munge/munge.socket
 
-# Each emulated node claims the whole machine; jobs must fit in one node's share.
-NODE_CPUS=$(nproc)
+# Each emulated node claims the whole machine; jobs must fit in one node's share. nproc
+# reports OMP_NUM_THREADS instead when it is set (OMP_NUM_THREADS=1 gave 1-CPU nodes that
+# refuse every 2-task job), so it is asked without it.
+NODE_CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 NODE_MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
 export SLURM_CONF=$STATE/etc/slurm.conf
 cat >"$SLURM_CONF" <<CONF
