@@ -113,9 +113,11 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # This cluster's own munged; every daemon and client command (through SLURM_CONF) uses it.
-# Short credential lifetime: a requeued job may restart ~10 s after it stopped instead of ~2 min.
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
-SchedulerParameters=sched_interval=2,bf_interval=1
+# Shortest credential lifetime slurmctld accepts (5 s): a requeued job is held for it plus 1 s
+# before it may start again (~2 min with the default). The main scheduling loop every second
+# (default 60 s) starts it as soon as that hold ends.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
+SchedulerParameters=sched_interval=1,bf_interval=1
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/slurmd-%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
