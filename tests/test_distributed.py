@@ -10,6 +10,8 @@ property against a single-process computation.
   which couples the loss to how the batch is split, so only a BN-free network can match.
 - InstDisc bank and MoCo queue are identical on both ranks after several steps.
 - MoCo's shuffle BN permutes the global batch across ranks before the key encoder.
+- With a float64 model, SimCLR's SyncBN step on 2 ranks equals 1 process to float64's
+  precision (statistics and running buffers in float64).
 - Every method takes a step under bf16 and under fp16 autocast (SyncBN keeps its statistics
   in fp32), and SimCLR's 2-rank step under bf16 matches the 1-process one within bf16's error.
 """
@@ -39,6 +41,7 @@ WORLD, BATCH, N = 2, 8, 16  # global batch of 8: 4 per rank
 SHUFFLE_SEED = 123
 METHODS = ("pic", "instdisc", "moco", "simclr")
 ONE_STEP = ("simclr", "simclr_per_crop", "pic")
+SYNC_BN = ("simclr", "simclr_per_crop")
 
 
 class NoBNNet(nn.Module):
@@ -114,6 +117,15 @@ def one_step(name: str, rank: int, world: int, precision: str = "fp32", sync_bn:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def float64_step(name: str, rank: int, world: int) -> dict:
+    """:func:`one_step` in float64 (SyncBN statistics and running buffers included): the
+    state, or the error that stopped it."""
+    try:
+        return {"state": one_step(name, rank, world, precision="fp64")}
+    except RuntimeError as e:
+        return {"error": str(e)}
+
+
 def new_method(name: str) -> nn.Module:
     """Each method on a backbone with BN (SimCLR's converted to SyncBN when distributed); PIC
     and SimCLR with BN statistics per view (per-chunk, and synchronised per-chunk, BN)."""
@@ -173,6 +185,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                   timeout=datetime.timedelta(seconds=60))
     try:
         results = {name: one_step(name, rank, world) for name in ONE_STEP}
+        results.update({f"{name}_fp64": float64_step(name, rank, world) for name in SYNC_BN})
         results["simclr_bf16"] = one_step("simclr", rank, world, "bf16")
         results["simclr_bf16_local_bn"] = one_step("simclr", rank, world, "bf16", sync_bn=False)
         results["autocast"] = {(name, precision): autocast_step(name, precision, rank, world)
@@ -232,6 +245,29 @@ def test_one_step_on_two_ranks_equals_one_process(ranks, name: str) -> None:
     # The step moved the weights by much more than the tolerance: the comparison has power.
     moved = max((expected[k].float() - init[k].float()).abs().max().item() for k in init)
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("name", SYNC_BN)
+def test_syncbn_step_in_float64_on_two_ranks_equals_one_process(ranks, name: str) -> None:
+    """A float64 model with SyncBN: 2 ranks × B/2 against 1 process × B, float64 throughout
+    (the statistics and running buffers too). The split changes only the order of float64
+    sums, hence ``F64``. Statistics rounded to float32 anywhere miss it by orders of
+    magnitude, as the float32 2-rank step does (float32 roundoff 6e-8 ≫ 1e-10)."""
+    expected = one_step(name, rank=0, world=1, precision="fp64")
+    float32_caught = False
+    for r in range(WORLD):
+        assert "error" not in ranks[r][f"{name}_fp64"], ranks[r][f"{name}_fp64"]["error"]
+        got = ranks[r][f"{name}_fp64"]["state"]
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key].dtype == value.dtype, key  # float64 buffers stay float64
+            torch.testing.assert_close(got[key], value, **F64, msg=lambda m, key=key: f"{key}: {m}")
+            if value.is_floating_point():
+                float32_caught |= not torch.allclose(ranks[r][name][key].double(), value,
+                                                     rtol=1e3 * F64["rtol"],
+                                                     atol=1e3 * F64["atol"])
+    # The float32 2-rank step is outside even 1000 times the tolerance: the test has power.
+    assert float32_caught
 
 
 @pytest.mark.parametrize("name,key", [("instdisc", "bank"), ("moco", "queue")])

@@ -438,8 +438,11 @@ def test_model_option_leaves_the_augmentation_choice_free(name: str) -> None:
 # ---------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_launch_every_method_writes_results(tmp_path: Path) -> None:
-    """``launch.py model=X`` for each method (one Hydra multirun: one interpreter start)."""
+    """``launch.py model=X`` for each method (one Hydra multirun: one interpreter start), on
+    small synthetic images: each point's evaluation and baselines take little time."""
     cmd = [sys.executable, "launch.py", "-m", "model=instdisc,moco,mocov2,simclr",
+           "data=synthetic", "data.num_images=128", "data.num_val_images=48",
+           "data.resolution=16", "data.image_size=16", "data.num_classes=4",
            "trainer.max_steps=2", "trainer.batch_size=64", "trainer.num_workers=0",
            "trainer.progress=false", "task.plot=false", "logger=none",
            f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -80,38 +81,56 @@ def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_a_signal_stops_with_a_checkpoint_and_a_rerun_resumes_exactly(tmp_path):
-    steps = 24  # 12 per epoch: the resumed part crosses an epoch boundary
-    run_task(compose_config(*SIGNAL_RUN, f"output_dir={tmp_path / 'straight'}",
-                            f"trainer.max_steps={steps}"))
-    straight = load_checkpoint(tmp_path / "straight" / "current.pth")
-    for signum, whole_group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
-        out_dir = tmp_path / signal.Signals(signum).name
-        proc = launch(out_dir, steps)
+def stop_and_rerun(out_dir: Path, steps: int, signum: int, whole_group: bool) -> int:
+    """Stop a run by ``signum`` once it has logged step 2, check what it left, rerun it to
+    the end; the step it stopped at."""
+    proc = launch(out_dir, steps)
+    try:
         wait_for_step(out_dir, 2, proc)
         # kill -TERM reaches the process; Ctrl-C reaches the whole group (loader workers too).
         os.killpg(proc.pid, signum) if whole_group else proc.send_signal(signum)
         output = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 128 + signum, output
-        stopped = load_checkpoint(out_dir / "current.pth")["state"]["step"]
-        assert 2 <= stopped < steps, output  # the step in progress when the signal came
-        assert f"step {stopped + 1}/" not in (out_dir / "launch.log").read_text()
-        assert not (out_dir / "results.json").exists()  # no evaluation of a partial run
-        rerun = launch(out_dir, steps)
-        output = rerun.communicate(timeout=300)[0]
-        assert rerun.returncode == 0, output
-        assert f"at step {stopped}" in (out_dir / "launch.log").read_text()
-        assert_same_state(straight, load_checkpoint(out_dir / "current.pth"))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum, output
+    stopped = load_checkpoint(out_dir / "current.pth")["state"]["step"]
+    assert 2 <= stopped < steps, output  # the step in progress when the signal came
+    assert f"step {stopped + 1}/" not in (out_dir / "launch.log").read_text()
+    assert not (out_dir / "results.json").exists()  # no evaluation of a partial run
+    rerun = launch(out_dir, steps)
+    output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, output
+    assert f"at step {stopped}" in (out_dir / "launch.log").read_text()
+    return stopped
+
+
+@pytest.mark.slow
+def test_a_signal_stops_with_a_checkpoint_and_a_rerun_resumes_exactly(tmp_path):
+    steps = 24  # 12 per epoch: the resumed part crosses an epoch boundary
+    signals_sent = ((signal.SIGTERM, False), (signal.SIGINT, True))
+    # Both signalled runs (subprocesses, each in its own session) run beside the straight one
+    # (in this process): their start-ups overlap its training.
+    with ThreadPoolExecutor(len(signals_sent)) as pool:
+        stopped = [pool.submit(stop_and_rerun, tmp_path / signal.Signals(signum).name, steps,
+                               signum, whole_group) for signum, whole_group in signals_sent]
+        run_task(compose_config(*SIGNAL_RUN, f"output_dir={tmp_path / 'straight'}",
+                                f"trainer.max_steps={steps}"))
+        for future in stopped:
+            future.result()  # its assertions
+    straight = load_checkpoint(tmp_path / "straight" / "current.pth")
+    for signum, _ in signals_sent:
+        assert_same_state(straight, load_checkpoint(
+            tmp_path / signal.Signals(signum).name / "current.pth"))
 
 
 def test_a_second_ctrl_c_exits_at_once() -> None:
-    # What this process inherited: Python's default, or SIG_IGN in a background job.
-    inherited = signal.getsignal(signal.SIGINT)
+    # The handler found before: a shell's background job starts with SIGINT ignored.
+    before = signal.getsignal(signal.SIGINT)
     with signals.stop_on_signals():
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received() == signal.SIGINT and signals.exit_code() == 130
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signals.received() is None
-    assert signal.getsignal(signal.SIGINT) is inherited
+    assert signal.getsignal(signal.SIGINT) is before

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slurm
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 JOB_TIMEOUT_S = 60
-# Requeue to restart takes ~15 s with the cluster's cred_expire=10 and sched_interval=2.
+# Requeue to restart takes ~6 s with the cluster's cred_expire=5 and sched_interval=1.
 REQUEUE_TIMEOUT_S = 120
 
 
@@ -46,7 +46,7 @@ def wait_done(job: submitit.Job, timeout_s: float) -> None:
                 f"job {job.job_id} not done after {timeout_s} s (state {job.state});\n"
                 f"stdout: {job.stdout()}\nstderr: {job.stderr()}"
             )
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def wait_for_file(path: Path, job: submitit.Job, timeout_s: float) -> None:
@@ -55,7 +55,7 @@ def wait_for_file(path: Path, job: submitit.Job, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             job.cancel(check=False)
             pytest.fail(f"job {job.job_id} did not create {path} within {timeout_s} s")
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def task_identity() -> dict[str, int | str]:

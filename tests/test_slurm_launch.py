@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240  # start-up, kNN at random init, a few steps: ~1 min on an idle 2-core machine
-# Requeue to restart takes ~15 s with the cluster's cred_expire=10 and sched_interval=2, but the
+# Requeue to restart takes ~6 s with the cluster's cred_expire=5 and sched_interval=1, but the
 # requeued job may wait for CPUs held by a job beside it, then starts, evaluates and trains
 # again: a deadline (waiting stops as soon as the result is there), not a sleep.
 REQUEUE_TIMEOUT_S = 360
@@ -65,7 +65,7 @@ def wait_for(predicate, record: dict, timeout_s: float, what: str) -> None:
     while not predicate():
         if time.monotonic() > deadline:
             cancel_and_fail(record["job_id"], record, f"no {what} after {timeout_s} s")
-        time.sleep(0.3)
+        time.sleep(0.1)
 
 
 def steps_done(run_dir: Path, attempt: int = 0) -> int:

@@ -137,4 +137,4 @@ def accounting_states(job_id: str, timeout_s: float = 30) -> list[str]:
             return states
         if time.monotonic() > deadline:
             pytest.fail(f"sacct shows no final state for job {job_id}: {states}")
-        time.sleep(0.5)
+        time.sleep(0.2)

@@ -98,8 +98,10 @@ printf 'slurmctld %s\nslurmd-%s %s\nslurmd-%s %s\nslurmdbd %s\nmariadb %s\n' "$C
     "$NODE_A" "$NODE_A_PORT" "$NODE_B" "$NODE_B_PORT" "$DBD_PORT" "$DB_PORT" >"$STATE/ports"
 MUNGE_SOCKET=$STATE/munge/munge.socket
 
-# Each emulated node claims the whole machine; jobs must fit in one node's share.
-NODE_CPUS=$(nproc)
+# Each emulated node claims the whole machine; jobs must fit in one node's share. nproc
+# reports OMP_NUM_THREADS instead when it is set (OMP_NUM_THREADS=1 gave 1-CPU nodes that
+# refuse every 2-task job), so it is asked without it.
+NODE_CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 NODE_MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
 export SLURM_CONF=$STATE/etc/slurm.conf
 cat >"$SLURM_CONF" <<CONF
@@ -111,9 +113,11 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # This cluster's own munged; every daemon and client command (through SLURM_CONF) uses it.
-# Short credential lifetime: a requeued job may restart ~10 s after it stopped instead of ~2 min.
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
-SchedulerParameters=sched_interval=2,bf_interval=1
+# Shortest credential lifetime slurmctld accepts (5 s): a requeued job is held for it plus 1 s
+# before it may start again (~2 min with the default). The main scheduling loop every second
+# (default 60 s) starts it as soon as that hold ends.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
+SchedulerParameters=sched_interval=1,bf_interval=1
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/slurmd-%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid

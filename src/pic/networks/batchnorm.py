@@ -50,10 +50,12 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     ``chunks`` (1 unless :func:`statistics_per_chunk` sets it) splits the N rows into equal
     consecutive parts, each normalised by its own statistics and each updating the running
     statistics in turn, as ``chunks`` separate calls would. Synchronised statistics are
-    computed in float32 whatever the input's dtype (bf16/fp16 under autocast), as
+    computed in float32 for narrower inputs (bf16/fp16 under autocast), as
     ``nn.SyncBatchNorm`` and ``nn.BatchNorm2d`` do (a bf16 mean is off by bf16's resolution;
-    the running buffers stay float32), in two passes (mean, then biased variance), each one
-    all-reduce of a chunks×C tensor that carries gradient; the output has the input's dtype.
+    the running buffers stay float32), and in float64 for float64 inputs (a float64 model
+    keeps float64 buffers and must not lose precision on 2 ranks that 1 rank keeps), in two
+    passes (mean, then biased variance), each one all-reduce of a chunks×C tensor that carries
+    gradient; the output has the input's dtype.
     Outside training it is ``nn.BatchNorm`` with the running statistics.
     """
 
@@ -84,11 +86,12 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _synchronised(self, x: torch.Tensor) -> torch.Tensor:
         k, channels = self.chunks, x.shape[1]
-        parts = x.float().reshape(k, x.shape[0] // k, *x.shape[1:])  # k × B × C × …
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        parts = x.to(dtype).reshape(k, x.shape[0] // k, *x.shape[1:])  # k × B × C × …
         dims = [d for d in range(parts.dim()) if d != 2]
         dims.remove(0)
         shape = [k, 1, channels] + [1] * (x.dim() - 2)
-        count = torch.tensor(float(parts[0].numel() // channels), device=x.device)
+        count = torch.tensor(float(parts[0].numel() // channels), dtype=dtype, device=x.device)
         count = dist.all_reduce_sum(count)
         mean = _AllReduceSum.apply(parts.sum(dims)) / count  # k × C
         centred = parts - mean.view(shape)
@@ -109,8 +112,9 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked += 1
             factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                       else self.momentum)
-            self.running_mean.lerp_(mean, factor)
-            self.running_var.lerp_(var, factor)
+            # The buffers' own dtype (float32 under autocast, float64 in a float64 model).
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(var.to(self.running_var.dtype), factor)
 
 
 @contextlib.contextmanager
