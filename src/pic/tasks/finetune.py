@@ -81,10 +81,13 @@ class LabelSubset(torch.utils.data.Dataset):
         """Item ``i``; an unreadable labelled image is replaced by the next labelled one this
         rank holds. (The dataset's own replacement is the next image of the whole set, likely
         unlabelled, whose crops would be trained with item ``i``'s label.)"""
-        own = self.rank_indices or range(len(self.indices))
+        item = self.dataset[self.indices[i]]
+        if item["index"] == self.indices[i]:
+            return {**item, "index": i}
+        own = self.rank_indices or range(len(self.indices))  # the rare path: search in order
         start = own.index(i) if i in own else 0
-        for k in range(len(own)):
-            j = i if k == 0 else own[(start + k) % len(own)]
+        for k in range(1, len(own)):
+            j = own[(start + k) % len(own)]
             item = self.dataset[self.indices[j]]
             if item["index"] == self.indices[j]:
                 return {**item, "index": j, "replaced": item["replaced"] + k}
