@@ -56,26 +56,16 @@ def write_test_options(conf: Path) -> None:
         "size: ${data.image_size}\nmean: ${data.mean}\nstd: ${data.std}\n")
 
 
-def start(run_dir: Path, conf: Path, launcher: list[str], *overrides: str) -> subprocess.Popen:
-    """Start launch.py (through ``launcher``); :func:`finish` waits for it."""
+def train(run_dir: Path, conf: Path, launcher: list[str], *overrides: str) -> dict:
+    """Run launch.py (through ``launcher``) and return its checkpoint."""
     cmd = [*launcher, "launch.py", f"hydra.run.dir={run_dir}",
            f"hydra.searchpath=[file://{conf}]", "backbone=bn_free",
            "augmentation=deterministic", "logger=none", "trainer.batch_size=64",
            "trainer.max_steps=4", "trainer.log_every=1", "trainer.num_workers=0", "eval.k=5",
            *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-
-
-def finish(proc: subprocess.Popen, run_dir: Path) -> dict:
-    """Wait for a :func:`start`-ed run; its checkpoint."""
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"{' '.join(proc.args)}\n{out}\n{err}"
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     return torch.load(run_dir / "current.pth", weights_only=False)
 
 
@@ -84,22 +74,12 @@ def test_two_local_processes_train_like_one(tmp_path):
     conf = tmp_path / "conf"
     write_test_options(conf)
     python = [sys.executable]
-    # The 1-process run first (it scores the baselines into the session's cache), then both
-    # 2-process layouts at once: their single-process phases (start-up, rank 0's plot) overlap.
-    one = finish(start(tmp_path / "one", conf, python, "cluster.nproc_per_node=1"),
-                 tmp_path / "one")
+    one = train(tmp_path / "one", conf, python, "cluster.nproc_per_node=1")
+    two = train(tmp_path / "two", conf, python, "cluster.nproc_per_node=2")
     # torchrun starts the processes itself; each must run in place and join the group.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2"]
-    running = [start(tmp_path / "two", conf, python, "cluster.nproc_per_node=2"),
-               start(tmp_path / "torchrun", conf, torchrun)]
-    try:
-        two, by_torchrun = (finish(p, tmp_path / d) for p, d in zip(running, ("two", "torchrun"),
-                                                                      strict=True))
-    finally:  # a failed run must not leave the other one running
-        for proc in running:
-            if proc.poll() is None:
-                proc.kill()
+    by_torchrun = train(tmp_path / "torchrun", conf, torchrun)
 
     results = [json.loads((tmp_path / d / "results.json").read_text())
                for d in ("one", "two", "torchrun")]
