@@ -41,13 +41,15 @@ NUMERICS := tests/test_losses.py tests/test_pic_scale.py tests/test_distributed.
 	tests/test_knn_schedules.py tests/test_eval.py tests/test_trainer_options.py \
 	tests/test_methods.py
 
+# One pytest-xdist worker per core, the SLURM tests together in one of them (tests/conftest.py).
 # --durations=20: CI's log names the slowest tests.
+XDIST := -n auto --dist loadgroup
 test: $(STAMP) $(NATIVE)
-	$(BIN)/python -m pytest --durations=20 $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) --durations=20 $(ARGS)
 	@if [ -z "$(ARGS)" ]; then \
 	  echo "== numerics under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"; \
 	  cache=$$(mktemp -d) && ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
-	    TORCHINDUCTOR_CACHE_DIR=$$cache $(BIN)/python -m pytest -q -m "not slow and not slurm" \
+	    TORCHINDUCTOR_CACHE_DIR=$$cache $(BIN)/python -m pytest $(XDIST) -q -m "not slow and not slurm" \
 	    $(NUMERICS); rc=$$?; rm -rf $$cache; exit $$rc; fi
 
 lint: $(STAMP)

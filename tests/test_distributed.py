@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from torch import nn
 
 from pic.engine.lars import lars
 from pic.engine.optim import sgd
+from pic.launch.local import free_port
 from pic.models.instdisc import InstDisc
 from pic.models.moco import MoCo
 from pic.models.pic import PIC
@@ -197,10 +197,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch_dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The tests of the two ranks' results share one spawn (`ranks`): one xdist worker runs them all.
+SHARES_RANKS = pytest.mark.xdist_group("test_distributed.ranks")
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +215,7 @@ F64 = {"rtol": 1e-10, "atol": 1e-12}
 U32 = 2.0 ** -24  # float32's unit roundoff
 
 
+@SHARES_RANKS
 @pytest.mark.parametrize("name", ONE_STEP)
 def test_one_step_on_two_ranks_equals_one_process(ranks, name: str) -> None:
     """float32 on 2 ranks and in 1 process against the float64 step. The split changes only the
@@ -247,6 +246,7 @@ def test_one_step_on_two_ranks_equals_one_process(ranks, name: str) -> None:
     assert moved > 1e-3
 
 
+@SHARES_RANKS
 @pytest.mark.parametrize("name", SYNC_BN)
 def test_syncbn_step_in_float64_on_two_ranks_equals_one_process(ranks, name: str) -> None:
     """A float64 model with SyncBN: 2 ranks × B/2 against 1 process × B, float64 throughout
@@ -270,6 +270,7 @@ def test_syncbn_step_in_float64_on_two_ranks_equals_one_process(ranks, name: str
     assert float32_caught
 
 
+@SHARES_RANKS
 @pytest.mark.parametrize("name,key", [("instdisc", "bank"), ("moco", "queue")])
 def test_memory_identical_on_both_ranks(ranks, name: str, key: str) -> None:
     assert torch.equal(ranks[0][name][key], ranks[1][name][key])
@@ -288,6 +289,7 @@ def test_memory_identical_on_both_ranks(ranks, name: str, key: str) -> None:
         assert ranks[0][name]["queue_ptr"].item() == ranks[1][name]["queue_ptr"].item() == 8
 
 
+@SHARES_RANKS
 def test_moco_shuffle_bn_permutes_across_ranks(ranks) -> None:
     (x, _), _ = batch(7)
     half = BATCH // WORLD
@@ -318,6 +320,7 @@ def test_moco_shuffle_bn_permutes_across_ranks(ranks) -> None:
     assert (nn.functional.normalize(unshuffled_bn, dim=1) - expected).abs().max() > 1e-3
 
 
+@SHARES_RANKS
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", METHODS)
 def test_one_step_under_autocast_on_two_ranks(ranks, name: str, precision: str) -> None:
@@ -340,6 +343,7 @@ def test_one_step_under_autocast_on_two_ranks(ranks, name: str, precision: str) 
         assert stats and all(torch.equal(got[0]["state"][k], got[1]["state"][k]) for k in stats)
 
 
+@SHARES_RANKS
 def test_simclr_two_ranks_equal_one_process_under_bf16(ranks) -> None:
     """2 ranks × B/2 against 1 process × B, both under bf16 autocast. Both runs make the same
     bf16 roundings of the same values (the split changes only the order of fp32 sums: the

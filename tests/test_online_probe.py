@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from pic.engine.checkpoint import load_checkpoint
 from pic.engine.online_probe import OnlineProbe
 from pic.engine.optim import sgd
 from pic.engine.trainer import Trainer
+from pic.launch.local import free_port
 from pic.models.pic import PIC
 from pic.networks.resnet import TinyResNet
 from pic.run import run_task
@@ -131,10 +131,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 def test_two_ranks_keep_one_probe_equal_to_one_process(tmp_path: Path) -> None:
     """Each rank steps on its half of the batch; the averaged gradient keeps both probes equal
     to one process stepping on the whole batch."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     features = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
     whole = _probe_steps(features, torch.arange(8)).state_dict()

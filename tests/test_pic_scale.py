@@ -22,6 +22,7 @@ import pic.networks.correction as module
 from pic.data.samplers import SlidingWindowSampler
 from pic.engine.schedules import Cosine
 from pic.engine.trainer import Trainer
+from pic.launch.local import free_port
 from pic.logging.loggers import NoLogger
 from pic.losses import instance_classification_loss
 from pic.models.pic import PIC
@@ -413,8 +414,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, storage: str) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["host", "mmap"])
 def test_ddp_ranks_share_rows_and_match_one_process(tmp_path: Path, storage: str) -> None:
-    port = 29500 + (os.getpid() + (storage == "mmap")) % 1000
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), storage), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), storage), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(ranks[0], ranks[1])
     if storage == "mmap":

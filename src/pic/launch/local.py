@@ -16,7 +16,8 @@ from ..dist.init import init_distributed
 from . import Run, configure_logging
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listened on a moment ago (the rendezvous's)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,7 +68,7 @@ class Local:
         ctx = mp.get_context("spawn")
         results = ctx.SimpleQueue()
         procs = mp.start_processes(_local_worker, nprocs=nproc, join=False, start_method="spawn",
-                                   args=(nproc, _free_port(), config_dict(cfg), run, results))
+                                   args=(nproc, free_port(), config_dict(cfg), run, results))
         result = None
         # Read while waiting: a result larger than a pipe's buffer would block its writer.
         while not procs.join(timeout=0.5):
