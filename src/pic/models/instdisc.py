@@ -25,8 +25,8 @@ class InstDisc(Method):
     def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = False, temperature: float = 0.07, num_negatives: int = 4096,
                  momentum: float = 0.5, loss: str = "softmax",
-                 bn_per_crop: bool = False) -> None:
-        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop)
+                 bn_per_crop: bool = False, head_batch_norm: bool = False) -> None:
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop, head_batch_norm)
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}: expected one of {list(LOSSES)}")
         if num_instances < 2:

@@ -28,8 +28,8 @@ class MoCo(Method):
     def __init__(self, backbone: nn.Module, num_instances: int, feature_dim: int = 128,
                  mlp_head: bool = False, temperature: float = 0.07, queue_size: int = 65536,
                  momentum: float = 0.999,
-                 bn_per_crop: bool = False) -> None:
-        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop)
+                 bn_per_crop: bool = False, head_batch_norm: bool = False) -> None:
+        super().__init__(backbone, feature_dim, mlp_head, bn_per_crop, head_batch_norm)
         if queue_size < 1:
             raise ValueError(f"model.queue_size={queue_size}: must be >= 1")
         if queue_size >= num_instances:

@@ -14,15 +14,18 @@ def projection_head(in_dim: int, out_dim: int, mlp: bool = True, batch_norm: boo
     one linear layer (``mlp=False``: InstDisc, MoCo v1).
 
     ``batch_norm``: Google's SimCLR head, BN after every linear layer and no bias anywhere
-    (BN's shift replaces it), the last BN without shift either: ``in → BN → ReLU → out → BN``.
+    (BN's shift replaces it), the last BN without shift either: ``in → BN → ReLU → out → BN``;
+    a linear head becomes ``in → out → BN``.
     """
-    if not mlp:
-        return nn.Linear(in_dim, out_dim)
     if not batch_norm:
+        if not mlp:
+            return nn.Linear(in_dim, out_dim)
         return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True),
                              nn.Linear(in_dim, out_dim))
     last = nn.BatchNorm1d(out_dim)
     last.register_parameter("bias", None)
+    if not mlp:
+        return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), last)
     return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim),
                          nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim, bias=False), last)
 
