@@ -27,7 +27,11 @@ def test_launch_writes_every_artifact(tmp_path):
          "trainer.batch_size=128", "backbone.widths=[8,16]", "trainer.num_workers=0"],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "config.yaml").is_file() and (out / ".hydra" / "config.yaml").is_file()
+    assert (out / "config.yaml").is_file()
+    hydra = out / ".hydra"  # written by the run, not by Hydra (pic.run.hydra_record)
+    assert sorted(p.name for p in hydra.iterdir()) == [
+        "config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert "- trainer.max_steps=3\n" in (hydra / "overrides.yaml").read_text()
     assert (out / "summary.png").stat().st_size > 10_000
     results = json.loads((out / "results.json").read_text())
     for key in ("knn_top1", "knn_top1_random_init", "knn_top1_pixels", "probe_top1",

@@ -288,15 +288,22 @@ def launch(run_dir: Path, *overrides: str, timeout: int = 900) -> subprocess.Com
 
 
 def test_a_second_launch_in_a_busy_run_directory_stops_at_once(tmp_path):
+    """...and leaves the first run's records as they were: Hydra's .hydra/ included, which
+    Hydra itself would have overwritten before the run could look at the lock."""
     holder = _holder(tmp_path)
+    first = "- seed=1\n"  # what the running first run recorded
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(first)
     try:
-        out = launch(tmp_path, timeout=120)
+        out = launch(tmp_path, "seed=2", timeout=120)
     finally:
         holder.kill()
         holder.wait()
     assert out.returncode != 0
     assert f"is in use by another run (pid {holder.pid} on {socket.gethostname()}" in out.stderr
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "current.pth").exists()
+    assert sorted(p.name for p in (tmp_path / ".hydra").iterdir()) == ["overrides.yaml"]
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == first
 
 
 @pytest.mark.slow
