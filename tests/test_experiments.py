@@ -198,6 +198,9 @@ def test_small_image_recipe(name: str) -> None:
         assert (cfg.model.negative_sampling, cfg.model.classifier_init_norm,
                 cfg.model.temperature, cfg.optimizer.lr) == ("recent", 0.25, 0.1, 0.3)
         assert cfg.model.num_negatives is not None and cfg.model.head_batch_norm
+    if name == "small_instdisc":
+        assert (cfg.model.loss, cfg.model.temperature, cfg.optimizer.lr) == ("softmax", 0.1, 0.12)
+        assert cfg.model.head_batch_norm and not cfg.model.mlp_head
 
 
 def test_small_pic_composes_with_multicrop() -> None:
