@@ -472,3 +472,15 @@ def test_launch_every_method_writes_results(tmp_path: Path) -> None:
         targets.append(results["method"])
     assert targets == ["pic.models.instdisc.InstDisc", "pic.models.moco.MoCo",
                        "pic.models.moco.MoCo", "pic.models.simclr.SimCLR"]
+
+
+def test_bn_after_the_head_spreads_the_features_at_init() -> None:
+    """bench/init_similarity.py on the digits (InstDisc's linear head): without BN two images'
+    features at init point nearly one way; BN centres them (README, "Small images")."""
+    from bench.init_similarity import similarity
+
+    common = ["model=instdisc", "backbone=resnet_tiny", "backbone.widths=[8,16]",
+              "data.image_size=16"]
+    plain, _ = similarity([*common, "model.head_batch_norm=false"], 64)
+    centred, _ = similarity([*common, "model.head_batch_norm=true"], 64)
+    assert plain > 0.5 and abs(centred) < 0.1, (plain, centred)
