@@ -65,9 +65,10 @@ def run_task(cfg: DictConfig, handle_signals: bool | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     with use_run_dir(out_dir):  # one run per directory: a second one stops here
         if dist.is_main():
-            for name, text in (hydra_record or {}).items():
+            if hydra_record:
                 (out_dir / ".hydra").mkdir(exist_ok=True)
-                atomic_write_text(text, out_dir / ".hydra" / name)
+                for name, text in hydra_record.items():
+                    atomic_write_text(text, out_dir / ".hydra" / name)
             OmegaConf.save(cfg, out_dir / "config.yaml")
         with signals.stop_on_signals() if handle_signals else contextlib.nullcontext():
             result = instantiate(cfg.task).run(cfg, out_dir)
