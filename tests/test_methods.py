@@ -398,15 +398,19 @@ def test_google_simclr_head_bn_in_every_layer_no_bias_in_the_last() -> None:
 
 
 
-@pytest.mark.parametrize("method", [InstDisc, MoCo])
-def test_a_linear_head_with_batch_norm_is_linear_then_bn(method) -> None:
-    """``head_batch_norm`` on a linear head (InstDisc, MoCo v1) is not ignored: Linear without
-    bias, then BN without shift, whose fresh output has zero mean per feature."""
+def test_a_linear_head_with_batch_norm_is_linear_then_bn() -> None:
+    """``batch_norm`` on a linear head is not ignored: Linear without bias, then BN without
+    shift, whose fresh output has zero mean per feature."""
     head = projection_head(16, 8, mlp=False, batch_norm=True)
     assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d]
     assert head[0].bias is None and head[1].bias is None
     out = copy.deepcopy(head).double()(torch.randn(6, 16, dtype=torch.float64))
     torch.testing.assert_close(out.mean(0), torch.zeros(8, dtype=torch.float64), **F64)
+
+
+@pytest.mark.parametrize("method", [InstDisc, MoCo])
+def test_linear_head_methods_take_head_batch_norm(method) -> None:
+    """InstDisc and MoCo v1 (linear heads) build that head and train through it."""
     model = method(tiny_backbone(), num_instances=64, feature_dim=8, mlp_head=False,
                    head_batch_norm=True)
     assert isinstance(model.encoder.head[1], nn.BatchNorm1d)

@@ -198,6 +198,11 @@ def test_sweep_is_one_job_array_whose_tasks_requeue_on_their_own(slurm_cluster, 
     # Each task ran its own point (the config the task saved in its run directory)...
     assert [OmegaConf.load(d / "config.yaml").model.temperature for d in (first, second)] == [
         0.1, 0.2]
+    # ...and wrote Hydra's record of its own overrides there (pic.run.hydra_record, carried
+    # into the job with the task).
+    assert ["model.temperature=0.1" in (first / ".hydra" / "overrides.yaml").read_text(),
+            "model.temperature=0.2" in (second / ".hydra" / "overrides.yaml").read_text()] == [
+        True, True]
     # ...and array_parallelism=1 let one task run at a time: no two runs overlap.
     runs = array_runs(array_id)
     assert len(runs) == 3  # the preempted task twice
