@@ -25,7 +25,10 @@ Trailing overrides apply to every run (``-- backbone=resnet_tiny``).
 
 Columns: top-1 of weighted kNN (k = 20, 200) and of the linear probe, trained and for the same
 network at random init (mean ± sample std over seeds), the per-seed gain, raw pixels (one row),
-and each run's wall and CPU time (its own, loader workers included).
+and each run's wall and CPU time (its own, loader workers included). The table is printed and
+written to ``--out``/table.md; it covers this call's methods and seeds only, so a later call
+with fewer replaces it: call again with every method and seed for the whole table (the
+finished runs are reused, so that call only reads them).
 """
 
 from __future__ import annotations

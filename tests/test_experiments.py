@@ -213,3 +213,14 @@ def test_small_pic_composes_with_multicrop() -> None:
     crops = instantiate(cfg.augmentation)(Image.new("RGB", (32, 32), (90, 120, 30)))
     assert [c.shape[-1] for c in crops] == [32, 16, 16, 16]
     assert "GaussianBlur" not in repr(instantiate(cfg.augmentation))
+
+
+@pytest.mark.parametrize("name", ["pic_200ep", "pic_1600ep", "small_pic"])
+def test_sliding_window_experiment_takes_the_epoch_sampler(name: str) -> None:
+    """The paper's ablation, `experiment=pic_200ep sampler=epoch`: the experiments pick their
+    window as a sampler option and set no sampler key, so another option replaces it whole
+    (it failed to compose while they set `sampler.window_size`)."""
+    window = compose_cfg(f"experiment={name}", "data=folder", "data.root=/d").sampler
+    assert window._target_ == WINDOW and window.reshuffle
+    epoch = compose_cfg(f"experiment={name}", "sampler=epoch", "data=folder", "data.root=/d")
+    assert epoch.sampler._target_ == EPOCH and "window_size" not in epoch.sampler
