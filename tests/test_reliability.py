@@ -176,17 +176,6 @@ def test_a_learning_noisy_or_slow_loss_is_not_divergence():
     assert diverged(_curve(7.0, 30.0, 30.0)) is None  # too short to tell
 
 
-@pytest.mark.slow
-def test_the_papers_instdisc_nce_is_not_taken_for_a_divergence(tmp_path):
-    """`model=instdisc` (NCE, Z estimated at the first step, against the random bank) on the
-    digits: its loss rises several-fold while the bank fills with still-alike features
-    (~220 at step 4, ~1000 at step 8, at batch 256), which the loss-curve rule, made for a
-    cross-entropy at chance, stopped as a divergence at step 16 on every seed."""
-    out = launch(tmp_path, "model=instdisc", "trainer.epochs=5", "trainer.num_workers=0")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads((tmp_path / "results.json").read_text())["completed"]
-
-
 # ---------------------------------------------------------------- checkpoints
 
 

@@ -1,10 +1,9 @@
 """Is training still sane: tensors that stopped being finite, a loss that diverged.
 
-Method-independent on purpose. Every method's loss here but one is a cross-entropy over
-candidates (instances, queue keys, batch samples), so at random initialisation it sits near
-chance, ln(number of candidates), whatever that number is: the run's own first logged loss is
-the reference, and no method has to declare its K. The exception, InstDisc's NCE, says so
-(``Method.loss_starts_at_chance``), and the trainer then checks only that tensors stay finite.
+Method-independent on purpose. Every method's loss here is a cross-entropy over candidates
+(instances, queue keys, batch samples), so at random initialisation it sits near chance,
+ln(number of candidates), whatever that number is: the run's own first logged loss is the
+reference, and no method has to declare its K.
 """
 
 from __future__ import annotations

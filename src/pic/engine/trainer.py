@@ -146,7 +146,6 @@ class Trainer:
         self._consecutive_bad = 0
         self._snapshot: Snapshot | None = None
         self._watched: list[tuple[str, torch.Tensor]] = []
-        self._loss_checks = True  # the model's loss_starts_at_chance, set by fit
 
     # ------------------------------------------------------------------ set-up
     def per_rank_batch(self) -> int:
@@ -256,7 +255,6 @@ class Trainer:
         ckpt = Checkpointer(Path(out_dir) / "current.pth", model, optimizer, self.scaler, config,
                             provenance, allow_dataset_change)
         self._watched = watched(model)
-        self._loss_checks = getattr(model, "loss_starts_at_chance", True)
         state = ckpt.restore_or_start(resume, seed)
         if ckpt.saved_step is not None:
             log.info("resumed from %s at step %d", ckpt.path, state.step)
@@ -383,10 +381,7 @@ class Trainer:
         """At a log point: stop a run whose parameters or forward state stopped being finite,
         or whose loss diverged (:func:`~.health.diverged`). Every rank takes the decision."""
         bad = first_non_finite(self._watched)
-        if bad:
-            reason = f"{bad} holds NaN or inf"
-        else:
-            reason = diverged(state.history) if self._loss_checks else None
+        reason = f"{bad} holds NaN or inf" if bad else diverged(state.history)
         if self._any_rank(reason is not None):
             raise DivergenceError(
                 f"training diverged at step {state.step}: {reason or 'seen by another rank'} "

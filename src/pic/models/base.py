@@ -26,12 +26,6 @@ class Trainable(nn.Module):
       the step is skipped.
     """
 
-    #: The loss is a cross-entropy over candidates, at chance (ln of their number) at random
-    #: initialisation: the trainer's loss-curve checks (:func:`~pic.engine.health.diverged`)
-    #: take its first logged value as that reference. False turns them off (the non-finite
-    #: checks stay): InstDisc's NCE, whose scale changes as the bank fills.
-    loss_starts_at_chance: bool = True
-
     def forward(self, crops: list[torch.Tensor], index: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError

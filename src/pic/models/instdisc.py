@@ -34,10 +34,6 @@ class InstDisc(Method):
         if num_negatives < 1:
             raise ValueError(f"model.num_negatives={num_negatives}: must be >= 1")
         self.temperature, self.momentum, self.loss = temperature, momentum, loss
-        # NCE is no cross-entropy at chance: its first loss is against the random bank (and the
-        # Z estimated there), and it rises several-fold while the bank fills with features
-        # that are still alike (the paper's own curve does), which is no divergence.
-        self.loss_starts_at_chance = loss == "softmax"
         # A tiny dataset has fewer other images than the paper's K: use all of them.
         self.num_negatives = min(num_negatives, num_instances - 1)
         self.register_buffer("bank", F.normalize(torch.randn(num_instances, feature_dim), dim=1))
