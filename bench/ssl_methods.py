@@ -150,6 +150,26 @@ def claim(run_dir: Path, command: list[str], config: str) -> Path | None:
     return aside
 
 
+class RunFailed(RuntimeError):
+    """A launch.py run exited with an error; the message names it and its error line."""
+
+
+def last_error(log: Path) -> str:
+    """The last line of ``log`` that names an exception (``SomeError: ...``), or ''."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    return next((line.strip() for line in reversed(lines)
+                 if re.match(r"\s*[\w.]+(Error|Exception): ", line)), "")
+
+
+def attempt(run: Run, config: str) -> dict | RunFailed:
+    """:func:`execute`, with a failed run returned instead of raised: the other runs of the
+    bench go on, and the table reports the failure."""
+    try:
+        return execute(run, config)
+    except RunFailed as failure:
+        return failure
+
+
 def execute(run: Run, config: str | None = None) -> dict:
     """Run (or reuse) one launch.py run; returns its results.json plus the bench's wall time.
     ``config``: :func:`recipe` of the run (computed here if not given)."""
@@ -170,8 +190,9 @@ def execute(run: Run, config: str | None = None) -> dict:
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise RuntimeError(f"{run.label} seed {run.seed} failed (exit {code}): "
-                           f"see {run.run_dir / 'bench.log'}")
+        log_path = run.run_dir / "bench.log"
+        raise RunFailed(f"{run.label} seed {run.seed} failed (exit {code}): "
+                        f"{last_error(log_path)} (see {log_path})")
     results = json.loads((run.run_dir / "results.json").read_text())
     done = {"command": command, "config": config, "wall_s": wall,
             "cpu_s": usage.ru_utime + usage.ru_stime, "results": results,
@@ -329,20 +350,28 @@ def main(argv: list[str] | None = None) -> None:
     configs = [recipe(run) for run in runs]  # Hydra's compose is not thread-safe
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = list(pool.map(execute, runs, configs))
-    by_method: dict[str, list[dict]] = {}
-    for run, result in zip(runs, done, strict=True):
-        by_method.setdefault(run.label, []).append(result)
-        print(f"{run.label} seed {run.seed}: {result['wall_s']:.0f} s, {run.run_dir}",
-              file=sys.stderr)
-    n = done[0]["results"].get("num_instances")
+        outcomes = list(pool.map(attempt, runs, configs))
+    by_method: dict[str, list[dict]] = {run.label: [] for run in runs}
+    failures = [str(o) for o in outcomes if isinstance(o, RunFailed)]
+    for run, result in zip(runs, outcomes, strict=True):
+        if not isinstance(result, RunFailed):
+            by_method[run.label].append(result)
+            print(f"{run.label} seed {run.seed}: {result['wall_s']:.0f} s, {run.run_dir}",
+                  file=sys.stderr)
+    done = [r for results in by_method.values() for r in results]
+    n = done[0]["results"].get("num_instances") if done else "?"
     precisions = sorted({r["results"].get("precision", "?") for r in done})
     text = (f"{len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), {epochs:g} epochs"
             f" of {n} images at batch {batch}, {'/'.join(precisions)}; common overrides: "
             f"`{' '.join(common)}`; bench wall time {time.perf_counter() - started:.0f} s\n\n"
             + table({label: summarise(r) for label, r in by_method.items()}))
+    if failures:  # their rows average the seeds that finished ('—' where none did)
+        text += "\n\nFailed runs, left out of their rows:\n" + "\n".join(
+            f"- {f}" for f in failures)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import pytest
 
 from bench.ssl_methods import Run, claim, recipe, reusable
 
@@ -41,3 +44,28 @@ def test_a_rerun_never_resumes_another_runs_checkpoint(tmp_path: Path) -> None:
     assert claim(run_dir, command, config) is None
     assert (run_dir / "current.pth").is_file()
     assert claim(run_dir, command, config + "# edited\n") is not None
+
+
+def test_a_failed_run_is_reported_in_the_table_not_a_traceback(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """One method's failing run (here a missing data folder, in a real launch.py) no longer
+    aborts the bench and loses the other methods' rows: the table keeps them, names the
+    failure with its error line, and the bench exits 1."""
+    from bench import ssl_methods
+
+    real = ssl_methods.execute
+    good = {"wall_s": 1.0, "cpu_s": 1.0, "eval": {"k": [20], "temperature": [0.07]},
+            "results": {"knn_top1": 80.0, "probe_top1": 90.0, "num_instances": 10}}
+    monkeypatch.setattr(ssl_methods, "execute",
+                        lambda run, config: good if run.label == "Good" else real(run, config))
+    with pytest.raises(SystemExit) as exit_:
+        ssl_methods.main(["--method", "Good=model=pic", "--method",
+                          f"Bad=data=folder data.root={tmp_path / 'nowhere'}", "--seeds", "0",
+                          "--out", str(tmp_path / "bench")])
+    assert exit_.value.code == 1
+    text = (tmp_path / "bench" / "table.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
+            if line.startswith("| ")}
+    assert "80.0" in rows["Good"] and "90.0" in rows["Good"] and "80.0" not in rows["Bad"]
+    assert re.search(r"- Bad seed 0 failed \(exit 1\): FileNotFoundError: data=folder: "
+                     rf"{re.escape(str(tmp_path / 'nowhere'))}/train is not a folder", text)
