@@ -20,9 +20,9 @@ Fashion-MNIST images (bench/make_real_data.py); ``claims``, the paper's claims a
 on the 60k Fashion-MNIST images with the small-image recipes (10 epochs): PIC with the epoch
 sampler vs the sliding window, one crop vs multi-crop, and PIC vs SimCLR vs MoCo v2 vs
 InstDisc. ``--method 'LABEL=OVERRIDES'`` replaces the preset's list (repeat it; overrides split
-as a shell would). The image budget is the same
-number of passes over the training set for every method (views per image are its own).
-Trailing overrides apply to every run (``-- backbone=resnet_tiny``).
+as a shell would). The image budget is the same number of passes over the training set for
+every method (views per image are its own). Trailing overrides apply to every run
+(``-- backbone=resnet_tiny``).
 
 Columns: top-1 of weighted kNN (k = 20, 200) and of the linear probe, trained and for the same
 network at random init (mean ± sample std over seeds), the per-seed gain, raw pixels (one row),
