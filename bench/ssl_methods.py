@@ -21,7 +21,8 @@ on the 60k Fashion-MNIST images with the small-image recipes (10 epochs): PIC wi
 sampler vs the sliding window, one crop vs multi-crop, and PIC vs SimCLR vs MoCo v2 vs
 InstDisc. ``--method 'LABEL=OVERRIDES'`` replaces the preset's list (repeat it; overrides split
 as a shell would). The image budget is the same number of passes over the training set for
-every method (views per image are its own). Trailing overrides apply to every run
+every method (views per image are its own; in ``small``, ``real`` and ``claims`` so is the
+batch: ``small_pic``'s is 64, the others' 256). Trailing overrides apply to every run
 (``-- backbone=resnet_tiny``).
 
 Columns: top-1 of weighted kNN (k = 20, 200) and of the linear probe, trained and for the same
@@ -67,12 +68,13 @@ SMALL = {label: f"experiment=small_{spec.removeprefix('model=')}" for label, spe
 
 @dataclass(frozen=True)
 class Preset:
-    """Methods (label -> overrides) and the budget they share."""
+    """Methods (label -> overrides) and the budget they share (batch None: each recipe's own;
+    the image budget is the epochs)."""
 
     methods: dict[str, str]
     common: tuple[str, ...] = ()
     epochs: float = 10.0
-    batch_size: int = 256
+    batch_size: int | None = 256
 
 
 PRESETS = {
@@ -93,10 +95,10 @@ PRESETS = {
         "SimCLR": "experiment=small_simclr",
         "MoCo v2": "experiment=small_mocov2",
         "InstDisc": "experiment=small_instdisc",
-    }, FASHION_60K, epochs=10.0),
+    }, FASHION_60K, epochs=10.0, batch_size=None),
     # Issue 14's real-data goal: each small-image recipe, 10 epochs of 10k 32-px images.
-    "small": Preset(SMALL),
-    "real": Preset(SMALL, FASHION_10K, epochs=10.0),
+    "small": Preset(SMALL, batch_size=None),
+    "real": Preset(SMALL, FASHION_10K, epochs=10.0, batch_size=None),
 }
 
 
@@ -310,7 +312,8 @@ def common_overrides(preset: Preset, epochs: float | None = None, batch: int | N
     """The overrides every run of a preset shares: its data, the image budget, then `extra`."""
     epochs = preset.epochs if epochs is None else epochs
     batch = preset.batch_size if batch is None else batch
-    return [*preset.common, f"trainer.epochs={epochs:g}", f"trainer.batch_size={batch}", *extra]
+    sized = [] if batch is None else [f"trainer.batch_size={batch}"]
+    return [*preset.common, f"trainer.epochs={epochs:g}", *sized, *extra]
 
 
 def plan(methods: dict[str, str], common: list[str], seeds: list[int], out: Path) -> list[Run]:
@@ -362,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     n = done[0]["results"].get("num_instances") if done else "?"
     precisions = sorted({r["results"].get("precision", "?") for r in done})
     text = (f"{len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), {epochs:g} epochs"
-            f" of {n} images at batch {batch}, {'/'.join(precisions)}; common overrides: "
+            f" of {n} images at batch {batch or 'of each recipe'}, {'/'.join(precisions)};"
+            f" common overrides: "
             f"`{' '.join(common)}`; bench wall time {time.perf_counter() - started:.0f} s\n\n"
             + table({label: summarise(r) for label, r in by_method.items()}))
     if failures:  # their rows average the seeds that finished ('—' where none did)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.ssl_methods import Run, claim, recipe, reusable
+from bench.ssl_methods import PRESETS, Run, claim, common_overrides, recipe, reusable
 
 
 def test_a_finished_run_is_reused_only_for_the_same_overrides_and_config(
@@ -69,3 +69,12 @@ def test_a_failed_run_is_reported_in_the_table_not_a_traceback(tmp_path: Path,
     assert "80.0" in rows["Good"] and "90.0" in rows["Good"] and "80.0" not in rows["Bad"]
     assert re.search(r"- Bad seed 0 failed \(exit 1\): FileNotFoundError: data=folder: "
                      rf"{re.escape(str(tmp_path / 'nowhere'))}/train is not a folder", text)
+
+
+def test_the_small_recipe_presets_keep_each_recipe_batch() -> None:
+    """`real` fixes the image budget (epochs), not the batch: small_pic runs at its own 64.
+    `--batch-size` still fixes it for every run, and the digits presets keep theirs."""
+    real = common_overrides(PRESETS["real"])
+    assert "trainer.epochs=10" in real and not any("batch_size" in o for o in real)
+    assert "trainer.batch_size=128" in common_overrides(PRESETS["real"], batch=128)
+    assert "trainer.batch_size=256" in common_overrides(PRESETS["default"])
