@@ -34,5 +34,18 @@ if [[ ! -e $policy ]]; then
 fi
 trap 'if [[ $created_policy -eq 1 ]]; then rm -f "$policy"; fi' EXIT
 
-apt-get update -q
-apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+# Another apt on the machine (a second test session, a system job) may hold apt's locks; wait
+# for it rather than fail (seen here: "Could not get lock /var/lib/apt/lists/lock").
+apt_waiting() {
+    local out
+    for _ in $(seq 120); do
+        if out=$("$@" 2>&1); then printf '%s\n' "$out"; return 0; fi
+        if ! grep -q "Could not get lock" <<<"$out"; then printf '%s\n' "$out" >&2; return 1; fi
+        echo "install.sh: apt is busy, waiting" >&2
+        sleep 5
+    done
+    printf '%s\n' "$out" >&2
+    return 1
+}
+apt_waiting apt-get -o DPkg::Lock::Timeout=600 update -q
+apt_waiting apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${PACKAGES[@]}"
