@@ -192,3 +192,20 @@ def test_a_second_cluster_runs_beside_the_first_and_stops_alone(slurm_cluster):
     shutil.rmtree(second)
     out = run_on(first / "etc" / "slurm.conf", "srun", "--time=1", "echo", "still-up")
     assert out.split() == ["still-up"]
+
+
+def test_a_full_disk_is_named_before_any_daemon_starts(slurm_cluster, tmp_path):
+    """start.sh on a filesystem with too little room says how much is free, where, and how much
+    it needs, instead of failing inside MariaDB's bootstrap (whose log hides its cause)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(small)], check=True)
+    try:
+        started = subprocess.run(["bash", str(SCRIPTS / "start.sh"), str(small / "state")],
+                                 capture_output=True, text=True, timeout=60)
+        assert started.returncode == 1
+        assert f"only 40 MB free on the filesystem of {small}/state" in started.stderr
+        assert "needs about 100 MB" in started.stderr
+        assert not (small / "state" / "pids").exists()  # nothing was started
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -18,16 +18,27 @@ NODE_B=localhost
 
 log() { echo "start.sh: $*" >&2; }
 
-# fail MESSAGE [LOG...]: print the message and the tail of each log, then exit non-zero.
+# show_log FILE: its error lines (a daemon's cause often lies far above its last lines, as in
+# mariadb-install-db's log), then its tail.
+show_log() {
+    [[ -f $1 ]] || return 0
+    if grep -q -E '\[ERROR\]|[Ee]rror' "$1"; then
+        echo "----- error lines of $1 -----" >&2
+        grep -E -m 20 '\[ERROR\]|[Ee]rror' "$1" >&2
+    fi
+    echo "----- last lines of $1 -----" >&2
+    tail -n 25 "$1" >&2
+}
+
+# fail MESSAGE [LOG...]: print the message, each log (show_log), and the free disk and memory
+# (a full disk or a memory limit is the usual cause of a daemon that works elsewhere); exit 1.
 fail() {
     log "ERROR: $1"
     shift
-    for f in "$@"; do
-        if [[ -f $f ]]; then
-            echo "----- last lines of $f -----" >&2
-            tail -n 25 "$f" >&2
-        fi
-    done
+    for f in "$@"; do show_log "$f"; done
+    echo "----- free disk of $STATE and memory -----" >&2
+    df -h "$STATE" >&2 || true
+    free -m >&2 || true
     exit 1
 }
 
@@ -76,6 +87,10 @@ done
 
 mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd)  # absolute: the configs and daemons need it
+# The database, spools and logs take ~40 MB: a fuller disk is named here, not left to a daemon.
+FREE_MB=$(df -Pm "$STATE" | awk 'NR == 2 {print $4}')
+((FREE_MB >= 100)) || fail "only $FREE_MB MB free on the filesystem of $STATE; the cluster needs \
+about 100 MB"
 bash "$HERE/stop.sh" "$STATE"
 # A failed start leaves nothing running; its logs stay in STATE_DIR/log.
 trap 'if (($? != 0)); then bash "$HERE/stop.sh" "$STATE" || true; fi' EXIT
@@ -173,10 +188,25 @@ wait_until 10 bash -c "munge -S '$MUNGE_SOCKET' -n | unmunge -S '$MUNGE_SOCKET' 
 
 # MariaDB for slurmdbd, data under STATE_DIR, TCP on 127.0.0.1 only. `setsid -f` detaches it
 # from the caller's session so that Ctrl-C in a test run does not kill it half-way.
-mariadb-install-db --no-defaults --user=root --datadir="$STATE/mysql" \
-    --auth-root-authentication-method=normal --skip-test-db >"$LOGS/mariadb-install.log" 2>&1 \
-    || fail "mariadb-install-db failed" "$LOGS/mariadb-install.log"
-setsid -f /usr/sbin/mariadbd --no-defaults --user=root --datadir="$STATE/mysql" \
+# InnoDB's defaults (a 96 MiB redo log, a 128 MiB buffer pool) are for a server; accounting for a
+# test cluster fits in 8 and 32, which keeps the database at ~25 MB instead of ~115 MB. Bootstrap
+# and server take the same sizes, so the server never resizes the log. A bootstrap that fails
+# is retried once in a fresh folder (another apt or dpkg may have been touching MariaDB's
+# files); its log is shown either way.
+DB_OPTS=(--no-defaults --user=root --datadir="$STATE/mysql" --innodb-log-file-size=8M
+    --innodb-buffer-pool-size=32M)
+bootstrap_db() {
+    rm -rf "${STATE:?}/mysql"
+    mariadb-install-db "${DB_OPTS[@]}" --auth-root-authentication-method=normal --skip-test-db \
+        >"$LOGS/mariadb-install.log" 2>&1
+}
+if ! bootstrap_db; then
+    log "mariadb-install-db failed; retrying once in 5 s"
+    show_log "$LOGS/mariadb-install.log"
+    sleep 5
+    bootstrap_db || fail "mariadb-install-db failed twice" "$LOGS/mariadb-install.log"
+fi
+setsid -f /usr/sbin/mariadbd "${DB_OPTS[@]}" \
     --socket="$STATE/run/mariadb.sock" --pid-file="$STATE/run/mariadb.pid" \
     --bind-address=127.0.0.1 --port=$DB_PORT --skip-name-resolve \
     --log-error="$LOGS/mariadb.log" </dev/null >/dev/null 2>&1
