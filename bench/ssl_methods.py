@@ -3,9 +3,9 @@ the same network at random init and raw pixels.
 
 Each run is ``launch.py`` in a subprocess (``--precision``, fp32 by default; ``logger=none``,
 no plot, its own ``hydra.run.dir`` under ``--out``); the table is read from each run's
-``results.json``. Runs that finished before with the same overrides and the same composed
-config are reused (an edited experiment file reruns them), so an
-interrupted bench continues.
+``results.json``. Runs that finished before with the same overrides, the same composed config
+and the same code are reused (an edited experiment file, or an edit of src/ or launch.py,
+reruns them), so an interrupted bench continues.
 
     python bench/ssl_methods.py [--preset default|small|ci|real|claims] [--seeds 0 1 2] [--epochs E]
                         [--batch-size B] [--method 'LABEL=OVERRIDES' ...] [--out DIR]
@@ -22,7 +22,7 @@ sampler vs the sliding window, one crop vs multi-crop, and PIC vs SimCLR vs MoCo
 InstDisc. ``--method 'LABEL=OVERRIDES'`` replaces the preset's list (repeat it; overrides split
 as a shell would). The image budget is the same number of passes over the training set for
 every method (views per image are its own; in ``small``, ``real`` and ``claims`` so is the
-batch: ``small_pic``'s is 64, the others' 256). Trailing overrides apply to every run
+batch: ``small_pic``'s and ``small_moco``'s is 64, the others' 256). Trailing overrides apply to every run
 (``-- backbone=resnet_tiny``).
 
 Columns: top-1 of weighted kNN (k = 20, 200) and of the linear probe, trained and for the same
@@ -36,6 +36,8 @@ finished runs are reused, so that call only reads them).
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import re
@@ -114,16 +116,30 @@ class Run:
                 f"seed={self.seed}", f"hydra.run.dir={self.run_dir}"]
 
 
+@functools.lru_cache(maxsize=None)
+def code_hash(root: Path = ROOT) -> str:
+    """SHA-256 of the code a run executes: every source file under ``root``/src (Python and the
+    native extension's C; not build outputs) and ``root``/launch.py, names and contents. Edits to
+    the README, the tests or bench/ leave it unchanged."""
+    sources = sorted(p for p in (root / "src").rglob("*") if p.suffix in (".py", ".c", ".h"))
+    digest = hashlib.sha256()
+    for path in [*sources, root / "launch.py"]:
+        digest.update(f"{path.relative_to(root)}\0".encode())
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def recipe(run: Run) -> str:
     """The config ``launch.py`` composes for the run (unresolved, Hydra's own node left out),
-    so that a finished run is reused only while its conf/ files still say the same."""
+    then a comment line with :func:`code_hash`: a finished run is reused only while its conf/
+    files and its code still say the same."""
     from omegaconf import OmegaConf
 
     from pic.config import compose_config
 
     tree = OmegaConf.to_container(compose_config(run.command()[2:], return_hydra_config=True))
     tree.pop("hydra")
-    return OmegaConf.to_yaml(tree)
+    return f"{OmegaConf.to_yaml(tree)}# code {code_hash()}\n"
 
 
 def reusable(record: Path, command: list[str], config: str) -> dict | None:

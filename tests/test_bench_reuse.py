@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.ssl_methods import PRESETS, Run, claim, common_overrides, recipe, reusable
+from bench.ssl_methods import (PRESETS, ROOT, Run, claim, code_hash, common_overrides, recipe,
+                               reusable)
 
 
 def test_a_finished_run_is_reused_only_for_the_same_overrides_and_config(
@@ -27,6 +28,27 @@ def test_a_finished_run_is_reused_only_for_the_same_overrides_and_config(
     # A record from before configs were recorded is not trusted.
     record.write_text(json.dumps({"command": command, "results": {}}))
     assert reusable(record, command, config) is None
+
+
+def test_an_edit_of_the_code_reruns_a_finished_run(tmp_path: Path) -> None:
+    """The recipe carries the hash of src/ and launch.py: a fix in a loss makes the bench rerun
+    the runs it would change (it reused them before, however stale); a README edit does not."""
+    assert recipe(Run("PIC", ("model=pic",), 0, tmp_path)).endswith(f"# code {code_hash()}\n")
+    (tmp_path / "src" / "pic" / "csrc").mkdir(parents=True)
+    loss = tmp_path / "src" / "pic" / "losses.py"
+    loss.write_text("def loss(): return 1\n")
+    (tmp_path / "src" / "pic" / "csrc" / "rows.c").write_text("int rows;\n")
+    (tmp_path / "launch.py").write_text("print()\n")
+    hashes = [code_hash.__wrapped__(tmp_path)]
+    (tmp_path / "README.md").write_text("a note\n")
+    (tmp_path / "src" / "pic" / "_native.so").write_bytes(b"\x7fELF")  # a build output
+    hashes.append(code_hash.__wrapped__(tmp_path))
+    loss.write_text("def loss(): return 2\n")
+    hashes.append(code_hash.__wrapped__(tmp_path))
+    (tmp_path / "src" / "pic" / "csrc" / "rows.c").write_text("int rows = 1;\n")
+    hashes.append(code_hash.__wrapped__(tmp_path))
+    assert hashes[0] == hashes[1] and len(set(hashes[1:])) == 3
+    assert code_hash() == code_hash.__wrapped__(ROOT)
 
 
 def test_a_rerun_never_resumes_another_runs_checkpoint(tmp_path: Path) -> None:
