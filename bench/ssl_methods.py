@@ -22,8 +22,8 @@ sampler vs the sliding window, one crop vs multi-crop, and PIC vs SimCLR vs MoCo
 InstDisc. ``--method 'LABEL=OVERRIDES'`` replaces the preset's list (repeat it; overrides split
 as a shell would). The image budget is the same number of passes over the training set for
 every method (views per image are its own; in ``small``, ``real`` and ``claims`` so is the
-batch: ``small_pic``'s and ``small_moco``'s is 64, the others' 256). Trailing overrides apply to every run
-(``-- backbone=resnet_tiny``).
+batch: ``small_pic``'s and ``small_moco``'s is 64, the others' 256). Trailing overrides apply
+to every run (``-- backbone=resnet_tiny``).
 
 Columns: top-1 of weighted kNN (k = 20, 200) and of the linear probe, trained and for the same
 network at random init (mean ± sample std over seeds), the per-seed gain, raw pixels (one row),
@@ -116,7 +116,7 @@ class Run:
                 f"seed={self.seed}", f"hydra.run.dir={self.run_dir}"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_hash(root: Path = ROOT) -> str:
     """SHA-256 of the code a run executes: every source file under ``root``/src (Python and the
     native extension's C; not build outputs) and ``root``/launch.py, names and contents. Edits to
