@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.ssl_methods import (PRESETS, ROOT, Run, claim, code_hash, common_overrides, recipe,
-                               reusable)
+from bench.ssl_methods import (
+    PRESETS,
+    ROOT,
+    Run,
+    claim,
+    code_hash,
+    common_overrides,
+    recipe,
+    reusable,
+)
 
 
 def test_a_finished_run_is_reused_only_for_the_same_overrides_and_config(
