@@ -6,6 +6,7 @@ Non-finite values are injected on chosen steps into a tiny method run by the rea
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from pic.engine.trainer import NonFiniteError, Trainer
 from pic.logging.loggers import NoLogger
 from pic.losses import instance_classification_loss
 from pic.models.base import Method
+from pic.models.instdisc import InstDisc
 from pic.models.pic import PIC
 
 from .helpers import TinyImages
@@ -206,6 +208,31 @@ def test_a_loss_back_at_chance_stops_naming_the_step(tmp_path: Path) -> None:
     with pytest.raises(DivergenceError, match=r"training diverged at step 12: the loss fell "
                                               r"from 7 .* to 3, then came back to 7"):
         fit(Scripted(curve), tmp_path, 30, log_every=2)
+
+
+class ScriptedWithHint(Scripted):
+    def divergence_hint(self) -> str:
+        return "this method's own cause, "
+
+
+def test_a_divergence_names_the_methods_own_cause_first(tmp_path: Path) -> None:
+    curve = [7.0] * 2 + [5.0] * 2 + [3.0] * 2 + [7.0] * 20
+    with pytest.raises(DivergenceError, match=r"Likely causes: this method's own cause, a "
+                                              r"learning rate too high"):
+        fit(ScriptedWithHint(curve), tmp_path, 30, log_every=2)
+
+
+def test_instdisc_names_nce_z_as_a_cause_of_divergence() -> None:
+    """NCE's Z is estimated once: the DivergenceError names it and its value (softmax: none)."""
+    torch.manual_seed(0)
+    crops, index = [torch.randn(4, 3, 8, 8)], torch.arange(4)
+    nce = InstDisc(TinyBackbone(), num_instances=16, feature_dim=8, num_negatives=5, loss="nce")
+    nce(crops, index)
+    z = re.escape(f"{float(nce.z):.3g}")
+    assert re.fullmatch(rf"NCE's normaliser Z \({z}\), estimated once at the first step "
+                        r".*model.loss=softmax.*, ", nce.divergence_hint())
+    softmax = InstDisc(TinyBackbone(), num_instances=16, feature_dim=8, loss="softmax")
+    assert softmax.divergence_hint() == ""
 
 
 def test_sampled_pic_classifier_ignores_skipped_steps(tmp_path: Path,

@@ -300,7 +300,7 @@ class Trainer:
                 epoch = state.step / plan.steps_per_pass
                 out = window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}
                 self._log(out, state, last_step, logger, bar)
-                self._check_health(state, lr, ckpt)
+                self._check_health(state, lr, ckpt, model)
             if bar is not None:
                 bar.update(1)
             if epoch_done:
@@ -377,7 +377,8 @@ class Trainer:
             ckpt.save(state)
         return time.perf_counter()
 
-    def _check_health(self, state: TrainState, lr: float, ckpt: Checkpointer) -> None:
+    def _check_health(self, state: TrainState, lr: float, ckpt: Checkpointer,
+                      model: nn.Module) -> None:
         """At a log point: stop a run whose parameters or forward state stopped being finite,
         or whose loss diverged (:func:`~.health.diverged`). Every rank takes the decision."""
         bad = first_non_finite(self._watched)
@@ -386,7 +387,8 @@ class Trainer:
             raise DivergenceError(
                 f"training diverged at step {state.step}: {reason or 'seen by another rank'} "
                 f"(lr {lr:.3g}, precision {self.precision}). Likely causes: "
-                f"{non_finite_hint(self.precision)}a learning rate too high for this batch "
+                f"{non_finite_hint(self.precision)}{model.divergence_hint()}"
+                "a learning rate too high for this batch "
                 f"size. {ckpt.path} holds step {ckpt.saved_step}, saved before this was "
                 "detected.")
 

@@ -12,7 +12,8 @@ from ..networks.heads import MultiCropEncoder, projection_head
 
 class Trainable(nn.Module):
     """What the trainer drives: ``forward(crops, index) -> (loss, metrics)`` and four hooks,
-    each a no-op unless a method needs it. The trainer calls them always, in this order:
+    each a no-op unless a method needs it (and :meth:`divergence_hint`, for the error of a
+    diverged run). The trainer calls the hooks always, in this order:
 
     - :meth:`attach` once, before the first step, with the optimizer and the loss scaler of
       the run: a method that updates state of its own (a sampled classifier's rows) reads each
@@ -40,6 +41,11 @@ class Trainable(nn.Module):
 
     def sync_state(self) -> None:
         """Called before every checkpoint: make every buffer current."""
+
+    def divergence_hint(self) -> str:
+        """A cause of divergence particular to this method, named in the trainer's
+        DivergenceError before the general ones: a clause ending in ``", "``, or ``""``."""
+        return ""
 
     def forward_state(self) -> list[torch.Tensor]:
         """The tensors ``forward`` changes in place, before the step's loss is known: the

@@ -68,6 +68,12 @@ class InstDisc(Method):
         positive_sim = (features[0].detach() * self.bank[index]).sum(1).mean()
         return loss, {"loss": loss.detach(), "positive_sim": positive_sim}
 
+    def divergence_hint(self) -> str:
+        if self.loss != "nce":
+            return ""
+        return (f"NCE's normaliser Z ({float(self.z):.3g}), estimated once at the first step "
+                "and kept, no longer fits the features (model.loss=softmax needs none), ")
+
     def forward_state(self) -> list[torch.Tensor]:
         # NCE's Z is estimated in the first forward: a skipped first step must not keep it.
         return [*super().forward_state(), self.z]
