@@ -222,6 +222,26 @@ def test_a_divergence_names_the_methods_own_cause_first(tmp_path: Path) -> None:
         fit(ScriptedWithHint(curve), tmp_path, 30, log_every=2)
 
 
+class FlakyWithHint(Flaky):
+    divergence_hint = ScriptedWithHint.divergence_hint
+
+
+class BadAfterStepWithHint(BadAfterStep):
+    divergence_hint = ScriptedWithHint.divergence_hint
+
+
+def test_skipped_steps_and_a_refused_checkpoint_name_the_methods_own_cause(tmp_path: Path
+                                                                           ) -> None:
+    """The other two errors of a run gone non-finite list the same causes as the divergence."""
+    causes = r"Likely causes: this method's own cause, a learning rate too high"
+    with pytest.raises(NonFiniteError, match=rf"{causes} for this batch size, or corrupt input"):
+        fit(FlakyWithHint(nan_loss=set(range(3, 100)), inf_grad=set()), tmp_path / "a", 30,
+            max_bad_steps=3)
+    with pytest.raises(DivergenceError, match=rf"\(step 0\) is intact\. {causes}"):
+        fit(BadAfterStepWithHint(at=3, what="bank"), tmp_path / "b", 30, checkpoint_every=5,
+            log_every=50)
+
+
 def test_instdisc_names_nce_z_as_a_cause_of_divergence() -> None:
     """NCE's Z is estimated once: the DivergenceError names it and its value (softmax: none)."""
     torch.manual_seed(0)

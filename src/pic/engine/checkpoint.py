@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import dist
 from ..provenance import check_same_dataset
-from .health import DivergenceError, first_non_finite
+from .health import DivergenceError, first_non_finite, likely_causes
 
 FORMAT = "pic-checkpoint/1"
 
@@ -184,8 +184,9 @@ class Checkpointer:
     def __init__(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, config: dict[str, Any] | None = None,
                  provenance: dict[str, Any] | None = None,
-                 allow_dataset_change: bool = False) -> None:
+                 allow_dataset_change: bool = False, precision: str = "fp32") -> None:
         self.path, self.model, self.optimizer, self.scaler = path, model, optimizer, scaler
+        self.precision = precision  # for the likely causes of a non-finite state
         self.config = config or {}
         self.provenance, self.allow_dataset_change = provenance or {}, allow_dataset_change
         self.saved_step: int | None = None
@@ -210,7 +211,8 @@ class Checkpointer:
         if dist.all_reduce_sum(torch.tensor(float(bad is not None), device=device)) > 0:
             raise DivergenceError(f"step {state.step}: not checkpointing, tensor "
                                   f"{bad or '(on another rank)'} holds NaN or inf; {self.path} "
-                                  f"(step {self.saved_step}) is intact")
+                                  f"(step {self.saved_step}) is intact. Likely causes: "
+                                  f"{likely_causes(self.precision, self.model)}.")
         if dist.is_main():
             atomic_save({"format": FORMAT, "model": model_state,
                          "optimizer": self.optimizer.state_dict(),

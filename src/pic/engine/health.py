@@ -12,9 +12,19 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .precision import non_finite_hint
+
 
 class DivergenceError(RuntimeError):
     """Training diverged (non-finite tensors, or a loss that exploded or fell back to chance)."""
+
+
+def likely_causes(precision: str, model: torch.nn.Module) -> str:
+    """The likely causes of a run that stopped being finite or diverged, the most particular
+    first: the precision's (:func:`~.precision.non_finite_hint`), the method's own
+    (``Trainable.divergence_hint``), then a learning rate too high for the batch size."""
+    return (f"{non_finite_hint(precision)}{model.divergence_hint()}"
+            "a learning rate too high for this batch size")
 
 
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:

@@ -20,15 +20,16 @@ from ..bounds import NonNegative, Positive
 from ..dist.init import local_device
 from . import signals
 from .checkpoint import Checkpointer, TrainState
-from .health import DivergenceError, Snapshot, diverged, first_non_finite, watched
-from .loader import Plan, run_loader
-from .precision import (
-    PRECISIONS,
-    Hardware,
-    choose_precision,
-    emulated_bf16_warning,
-    non_finite_hint,
+from .health import (
+    DivergenceError,
+    Snapshot,
+    diverged,
+    first_non_finite,
+    likely_causes,
+    watched,
 )
+from .loader import Plan, run_loader
+from .precision import PRECISIONS, Hardware, choose_precision, emulated_bf16_warning
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         model.attach(optimizer, self.scaler)
         ckpt = Checkpointer(Path(out_dir) / "current.pth", model, optimizer, self.scaler, config,
-                            provenance, allow_dataset_change)
+                            provenance, allow_dataset_change, self.precision)
         self._watched = watched(model)
         state = ckpt.restore_or_start(resume, seed)
         if ckpt.saved_step is not None:
@@ -291,7 +292,7 @@ class Trainer:
             lr = lr_at(state.step)
             stop_vote = self._start_stop_vote()
             finite, grad_norm, metrics = self.train_step(net, model, optimizer, batch, lr)
-            self._count_step(state, finite, lr, ckpt.path)
+            self._count_step(state, finite, lr, ckpt)
             state.position += plan.batch_size
             state.replaced_images += int(batch["replaced"].sum())
             window.add(metrics, plan.batch_size * dist.get_world_size())
@@ -300,7 +301,7 @@ class Trainer:
                 epoch = state.step / plan.steps_per_pass
                 out = window.reduce(grad_norm) | {"lr": lr, "epoch": epoch}
                 self._log(out, state, last_step, logger, bar)
-                self._check_health(state, lr, ckpt, model)
+                self._check_health(state, lr, ckpt)
             if bar is not None:
                 bar.update(1)
             if epoch_done:
@@ -315,7 +316,7 @@ class Trainer:
         state.train_time += time.perf_counter() - clock
         return lr, stop
 
-    def _count_step(self, state: TrainState, finite: bool, lr: float, ckpt_path: Path) -> None:
+    def _count_step(self, state: TrainState, finite: bool, lr: float, ckpt: Checkpointer) -> None:
         """Account a step taken or skipped; too many skipped in a row end the run."""
         state.step += 1
         if finite:
@@ -328,9 +329,8 @@ class Trainer:
             raise NonFiniteError(
                 f"{self._consecutive_bad} consecutive steps up to step {state.step - 1} had a "
                 f"non-finite loss or gradient (lr {lr:.3g}, precision {self.precision}). "
-                "Likely causes: a learning rate too high for this batch size, "
-                f"{non_finite_hint(self.precision)}or corrupt input data. "
-                f"The last good checkpoint {ckpt_path} is intact.")
+                f"Likely causes: {likely_causes(self.precision, ckpt.model)}, or corrupt input "
+                f"data. The last good checkpoint {ckpt.path} is intact.")
 
     def _progress_bar(self, step: int, last_step: int) -> Any:
         """A tqdm bar on rank 0 when its stream (stderr) is a terminal: in a batch job its
@@ -377,8 +377,7 @@ class Trainer:
             ckpt.save(state)
         return time.perf_counter()
 
-    def _check_health(self, state: TrainState, lr: float, ckpt: Checkpointer,
-                      model: nn.Module) -> None:
+    def _check_health(self, state: TrainState, lr: float, ckpt: Checkpointer) -> None:
         """At a log point: stop a run whose parameters or forward state stopped being finite,
         or whose loss diverged (:func:`~.health.diverged`). Every rank takes the decision."""
         bad = first_non_finite(self._watched)
@@ -387,10 +386,8 @@ class Trainer:
             raise DivergenceError(
                 f"training diverged at step {state.step}: {reason or 'seen by another rank'} "
                 f"(lr {lr:.3g}, precision {self.precision}). Likely causes: "
-                f"{non_finite_hint(self.precision)}{model.divergence_hint()}"
-                "a learning rate too high for this batch "
-                f"size. {ckpt.path} holds step {ckpt.saved_step}, saved before this was "
-                "detected.")
+                f"{likely_causes(self.precision, ckpt.model)}. {ckpt.path} holds step "
+                f"{ckpt.saved_step}, saved before this was detected.")
 
     def _any_rank(self, flag: bool) -> bool:
         return bool(dist.all_reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
