@@ -22,7 +22,7 @@ sampler vs the sliding window, one crop vs multi-crop, and PIC vs SimCLR vs MoCo
 InstDisc. ``--method 'LABEL=OVERRIDES'`` replaces the preset's list (repeat it; overrides split
 as a shell would). The image budget is the same number of passes over the training set for
 every method (views per image are its own; in ``small``, ``real`` and ``claims`` so is the
-batch: ``small_pic``'s and ``small_moco``'s is 64, the others' 256). Trailing overrides apply
+batch: ``small_simclr``'s is 256, the others' 64). Trailing overrides apply
 to every run (``-- backbone=resnet_tiny``).
 
 Columns: top-1 of weighted kNN (k = 20, 200) and of the linear probe, trained and for the same

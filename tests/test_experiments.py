@@ -181,15 +181,15 @@ def test_every_method_has_a_small_image_recipe() -> None:
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_small_image_recipe(name: str) -> None:
-    """ResNet-18 with a 3×3 stem, batch 256 (PIC and MoCo v1 64: their negatives are not the
-    batch), no Gaussian blur, the method's views per image; PIC: one view, sliding window with
+    """ResNet-18 with a 3×3 stem, batch 64 (SimCLR 256: only its negatives are the batch), no
+    Gaussian blur, the method's views per image; PIC: one view, sliding window with
     W/S = 8, recent negatives, BN in the head, tau 0.1 and classifier rows at norm 0.25 (4x the
     paper's lr / (tau |w|^2), at lr 0.3)."""
     target, views, sampler = SMALL[name]
     cfg = compose_cfg(f"experiment={name}", "data=folder", "data.root=/d", "data.image_size=32")
     assert cfg.model._target_ == target and cfg.sampler._target_ == sampler
     assert (cfg.backbone.arch, cfg.backbone.small_images, cfg.trainer.batch_size) == (
-        "resnet18", True, 64 if name in ("small_pic", "small_moco") else 256)
+        "resnet18", True, 256 if name == "small_simclr" else 64)
     transform = instantiate(cfg.augmentation)
     assert "GaussianBlur" not in repr(transform)
     assert [v.shape[-1] for v in transform(Image.new("RGB", (32, 32), (90, 120, 30)))] == [
