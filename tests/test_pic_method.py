@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -83,3 +84,51 @@ def test_multicrop_small_crops_train_the_encoder_but_not_the_classifier():
     large_only, _ = model([large], index)
     large_grad = torch.autograd.grad(large_only / 4, model.encoder.backbone.fc.weight)[0]
     assert (encoder_grad - large_grad).abs().max() > 1e-6
+
+
+def test_pic_rows_scores_equal_explicit_loops(tmp_path):
+    """bench/pic_rows.py on a short digits run (the sampled classifier, whose rows are brought up
+    to date from its table): instance top-1, the own row's mean cosine and the loss against
+    per-image float64 loops over the rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from bench.pic_rows import row_scores
+    from pic.tasks.common import eval_splits
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path
+    subprocess.run([sys.executable, str(root / "launch.py"), f"hydra.run.dir={run}",
+                    "logger=none", "backbone=resnet_tiny", "backbone.widths=[8,16]",
+                    "data.image_size=16", "trainer.epochs=1", "trainer.batch_size=64",
+                    "trainer.num_workers=0", "model.num_negatives=300"], check=True,
+                   capture_output=True)
+    scores = row_scores(run)
+    cfg = OmegaConf.load(run / "config.yaml")
+    train, _ = eval_splits(instantiate(cfg.data))
+    model = instantiate(cfg.model, backbone=instantiate(cfg.backbone),
+                        num_instances=len(train), storage_dir=str(run))
+    model.load_state_dict(torch.load(run / "current.pth", weights_only=False)["model"])
+    model.eval()
+    rows = F.normalize(model.classifier.weight.detach().double(), dim=1)
+    top1, own, loss, n = 0, 0.0, 0.0, len(train)
+    tau = cfg.model.temperature
+    with torch.no_grad():
+        for i in range(n):  # one image at a time, its N cosines as Python floats
+            x = train[i]["crops"][0][None]
+            f = F.normalize(model.encoder.head(model.encoder.backbone(x)).double(), dim=1)[0]
+            cos = (rows @ f).tolist()
+            top1 += max(cos) == cos[i]
+            own += cos[i]
+            top = max(cos)
+            loss += top / tau + math.log(sum(math.exp((c - top) / tau) for c in cos)) \
+                - cos[i] / tau
+    assert scores["N"] == n
+    assert scores["instance top-1 %"] == pytest.approx(100 * top1 / n, abs=100 / n)
+    assert scores["cos own row"] == pytest.approx(own / n, abs=1e-5)
+    assert scores["loss at tau"] == pytest.approx(loss / n, abs=1e-4)
