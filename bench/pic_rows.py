@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
-from pic.engine.features import extract_features
+from pic.engine.features import encoder_of, extract_features
 from pic.tasks.common import eval_splits
 
 
-def row_scores(run: Path) -> dict[str, float]:
+def load_run(run: Path) -> tuple[DictConfig, Dataset, torch.nn.Module]:
+    """A PIC run's config, its training split under the evaluation transform, and its model
+    from ``current.pth``."""
     cfg = OmegaConf.load(run / "config.yaml")
     if not cfg.model._target_.endswith(".PIC"):
         raise SystemExit(f"{run}: model {cfg.model._target_} is not PIC")
@@ -34,8 +37,12 @@ def row_scores(run: Path) -> dict[str, float]:
                         num_instances=len(train), storage_dir=str(run))
     state = torch.load(run / "current.pth", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
-    encoder = torch.nn.Sequential(model.encoder.backbone, model.encoder.head)
-    features, _ = extract_features(encoder, train, 256, torch.device("cpu"))
+    return cfg, train, model
+
+
+def row_scores(run: Path) -> dict[str, float]:
+    cfg, train, model = load_run(run)
+    features, _ = extract_features(encoder_of(model, "head"), train, 256, torch.device("cpu"))
     features = F.normalize(features.double(), dim=1)
     weight = model.classifier.weight.detach().double()
     cos = features @ F.normalize(weight, dim=1).T

@@ -104,8 +104,7 @@ PRESETS = {
     }, FASHION_60K, epochs=10.0, batch_size=None),
     # Issue 14's real-data goal: each small-image recipe, 10 epochs of 10k 32-px images.
     "small": Preset(SMALL, batch_size=None),
-    "real": Preset({"PIC": SMALL["PIC"], "PIC, 2 views": PIC_2_VIEWS,
-                    **{k: v for k, v in SMALL.items() if k != "PIC"}},
+    "real": Preset({"PIC": SMALL["PIC"], "PIC, 2 views": PIC_2_VIEWS, **SMALL},
                    FASHION_10K, epochs=10.0, batch_size=None),
 }
 

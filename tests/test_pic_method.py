@@ -95,11 +95,8 @@ def test_pic_rows_scores_equal_explicit_loops(tmp_path):
     from pathlib import Path
 
     import torch.nn.functional as F
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from bench.pic_rows import row_scores
-    from pic.tasks.common import eval_splits
+    from bench.pic_rows import load_run, row_scores
 
     root = Path(__file__).resolve().parents[1]
     run = tmp_path
@@ -109,11 +106,7 @@ def test_pic_rows_scores_equal_explicit_loops(tmp_path):
                     "trainer.num_workers=0", "model.num_negatives=300"], check=True,
                    capture_output=True)
     scores = row_scores(run)
-    cfg = OmegaConf.load(run / "config.yaml")
-    train, _ = eval_splits(instantiate(cfg.data))
-    model = instantiate(cfg.model, backbone=instantiate(cfg.backbone),
-                        num_instances=len(train), storage_dir=str(run))
-    model.load_state_dict(torch.load(run / "current.pth", weights_only=False)["model"])
+    cfg, train, model = load_run(run)
     model.eval()
     rows = F.normalize(model.classifier.weight.detach().double(), dim=1)
     top1, own, loss, n = 0, 0.0, 0.0, len(train)
