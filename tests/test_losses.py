@@ -46,11 +46,15 @@ def _ref_negatives(negatives: torch.Tensor, b: int) -> list[list[np.ndarray]]:
     return [_rows(n) for n in negatives]
 
 
-def ref_info_nce(query, key, negatives, tau, positive_index: int = 0) -> float:
-    """`positive_index` lets a test show that a label pointing elsewhere would be detected."""
+def ref_info_nce(query, key, negatives, tau, positive_index: int = 0, exclude=None) -> float:
+    """`positive_index` lets a test show that a label pointing elsewhere would be detected;
+    `exclude` (B×K bool) drops negative j of sample b from the list."""
     qs, ks = _rows(query), _rows(key)
     total = 0.0
-    for q, k, negs in zip(qs, ks, _ref_negatives(negatives, len(qs)), strict=True):
+    for b, (q, k, negs) in enumerate(zip(qs, ks, _ref_negatives(negatives, len(qs)),
+                                         strict=True)):
+        if exclude is not None:
+            negs = [n for j, n in enumerate(negs) if not exclude[b][j]]
         logits = [_dot(q, k) / tau] + [_dot(q, n) / tau for n in negs]
         total += _logsumexp(logits) - logits[positive_index]
     return total / len(qs)
@@ -205,6 +209,24 @@ def test_info_nce_positive_is_at_index_zero():
     flipped = info_nce(query, -key, negatives, tau)
     _close(flipped, ref_info_nce(query, -key, negatives, tau), 1e-10)
     assert flipped.item() - loss.item() > 1.0
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_info_nce_excluded_negatives_are_left_out_of_the_sum(per_sample):
+    tau = 0.1
+    query, key = _randn(6, 16, seed=24, unit=True), _randn(6, 16, seed=25, unit=True)
+    negatives = _randn(*((6, 10, 16) if per_sample else (10, 16)), seed=26, unit=True)
+    exclude = torch.rand(6, 10, generator=torch.Generator().manual_seed(27)) < 0.4
+    exclude[0] = True  # every negative of one sample out: its loss is 0 but the sum goes on
+    query.requires_grad_()
+    loss = info_nce(query, key, negatives, tau, exclude=exclude)
+    expected = ref_info_nce(query, key, negatives, tau, exclude=exclude.tolist())
+    _close(loss, expected, 1e-10)
+    assert abs(expected - ref_info_nce(query, key, negatives, tau)) > 0.1  # the mask matters
+    loss.backward()  # the -inf logits give zero gradient, not NaN
+    assert query.grad.isfinite().all() and query.grad[0].abs().max() == 0
+    with pytest.raises(ValueError, match="exclude must be B×K = 6×10"):
+        info_nce(query, key, negatives, tau, exclude=exclude[:, :9])
 
 
 def test_info_nce_shared_and_repeated_per_sample_negatives_agree():

@@ -217,6 +217,29 @@ def test_moco_loss_positive_first_against_queue() -> None:
         8, 0.2, len(logits), 4, expected))
 
 
+@pytest.mark.parametrize("exclude_own_keys", [True, False])
+def test_moco_leaves_the_querys_own_older_keys_out_of_its_negatives(exclude_own_keys) -> None:
+    torch.manual_seed(0)
+    model = moco(exclude_own_keys=exclude_own_keys)
+    model([images(4, 0), images(4, 1)], torch.tensor([3, 5, 7, 9]))
+    model.after_step()
+    assert model.queue_index.tolist() == [3, 5, 7, 9, -1, -1, -1, -1]
+    x1, x2, index = images(4, 2), images(4, 3), [5, 9, 0, 1]  # 5 and 9 have keys queued
+    loss, _ = model([x1, x2], torch.tensor(index))
+    q = model.encoder([x1])[0].double()
+    k = model.key_encoder([x2])[0].double()
+    queue, slots = model.queue.double().tolist(), model.queue_index.tolist()
+    expected = 0.0
+    for b in range(4):
+        qb, kb = unit(q[b].tolist()), unit(k[b].tolist())
+        negatives = [n for n, i in zip(queue, slots, strict=True)
+                     if not (exclude_own_keys and i == index[b])]
+        logits = [dot(qb, kb) / 0.2] + [dot(qb, n) / 0.2 for n in negatives]
+        expected += softmax_ce_first(logits) / 4
+    assert loss.item() == pytest.approx(expected, rel=0, abs=cosine_ce_tolerance(
+        8, 0.2, 9, 4, expected))
+
+
 def test_moco_enqueue_and_momentum_update_after_step() -> None:
     model = moco(queue_size=8, momentum=0.9)
     for q, k in zip(model.encoder.parameters(), model.key_encoder.parameters(), strict=True):
@@ -248,7 +271,7 @@ def test_moco_enqueue_and_momentum_update_after_step() -> None:
 
 def test_moco_checkpoint_holds_key_encoder_and_queue() -> None:
     keys = moco().state_dict().keys()
-    assert {"queue", "queue_ptr"} <= set(keys)
+    assert {"queue", "queue_ptr", "queue_index"} <= set(keys)
     assert any(k.startswith("key_encoder.backbone.") for k in keys)
 
 

@@ -123,7 +123,8 @@ def instance_classification_loss(
 
 
 def info_nce(
-    query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float
+    query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE (MoCo; InstDisc as re-implemented by PIC): softmax over positive + K negatives.
 
@@ -136,6 +137,8 @@ def info_nce(
         negatives: K×D shared by the whole batch (MoCo queue) or B×K×D, one set per sample
             (InstDisc memory bank); assumed already L2-normalised. K >= 1.
         temperature: τ > 0.
+        exclude: optional B×K bool, True where negative j of sample b is left out of its sum
+            (MoCo: a queued key of the query's own image); the positive always stays.
 
     Returns:
         Scalar loss, float32 (float64 if an input is float64).
@@ -143,6 +146,11 @@ def info_nce(
     _check_temperature("info_nce", temperature)
     with _autocast_off(query):
         logits = _similarities("info_nce", query, key, negatives) / temperature
+        if exclude is not None:
+            if exclude.shape != (logits.shape[0], logits.shape[1] - 1):
+                raise ValueError(f"info_nce: exclude must be B×K = {logits.shape[0]}×"
+                                 f"{logits.shape[1] - 1}, got {tuple(exclude.shape)}")
+            logits = logits.masked_fill(F.pad(exclude, (1, 0)), float("-inf"))
         targets = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits, targets)
 
