@@ -38,10 +38,11 @@ class MoCo(Method):
         super().__init__(backbone, feature_dim, mlp_head, bn_per_crop, head_batch_norm)
         if queue_size < 1:
             raise ValueError(f"model.queue_size={queue_size}: must be >= 1")
-        if queue_size >= num_instances and not exclude_own_keys:
-            log.warning("model.queue_size=%d is not smaller than the %d training images and "
-                        "model.exclude_own_keys=false: the queue holds older keys of the "
-                        "queries' own images as negatives", queue_size, num_instances)
+        if queue_size >= num_instances:
+            log.warning("model.queue_size=%d is not smaller than the %d training images: every "
+                        "image is queued, and MoCo learns far less than with a queue of a "
+                        "fraction of them (README, 'MoCo's queue on small datasets')",
+                        queue_size, num_instances)
         self.temperature, self.momentum = temperature, momentum
         self.exclude_own_keys = exclude_own_keys
         self.key_encoder = copy.deepcopy(self.encoder)
