@@ -8,7 +8,8 @@ property against a single-process computation.
   both views, or of each view with model.bn_per_crop).
 - PIC: same property, with a backbone *without* BN: PIC keeps per-rank BN (as the paper does),
   which couples the loss to how the batch is split, so only a BN-free network can match.
-- InstDisc bank and MoCo queue are identical on both ranks after several steps.
+- InstDisc bank and MoCo queue (keys and their images) are identical on both ranks after several
+  steps.
 - MoCo's shuffle BN permutes the global batch across ranks before the key encoder.
 - With a float64 model, SimCLR's SyncBN step on 2 ranks equals 1 process to float64's
   precision (statistics and running buffers in float64).
@@ -164,7 +165,7 @@ def several_steps(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     for step in range(3):
         train_step(model, opt, *local(*batch(step), rank, world))
     return {k: v.clone() for k, v in model.state_dict().items()
-            if k in ("bank", "queue", "queue_ptr")}
+            if k in ("bank", "queue", "queue_ptr", "queue_index")}
 
 
 def shuffle_bn(rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -287,6 +288,11 @@ def test_memory_identical_on_both_ranks(ranks, name: str, key: str) -> None:
         # 3 steps × global batch 8 into 16 slots: every slot was written, pointer at 8.
         assert (ranks[0][name][key] != initial).any(dim=1).all()
         assert ranks[0][name]["queue_ptr"].item() == ranks[1][name]["queue_ptr"].item() == 8
+        # Each slot records its key's image, gathered in the global batch's order: step 2's
+        # images overwrote slots 0-7, step 1's are in 8-15.
+        expected = torch.cat([batch(2)[1], batch(1)[1]])
+        for rank in ranks:
+            assert torch.equal(rank[name]["queue_index"], expected)
 
 
 @SHARES_RANKS

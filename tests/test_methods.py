@@ -275,6 +275,20 @@ def test_moco_checkpoint_holds_key_encoder_and_queue() -> None:
     assert any(k.startswith("key_encoder.backbone.") for k in keys)
 
 
+def test_moco_resumes_a_checkpoint_from_before_the_queue_recorded_images() -> None:
+    model = moco()
+    model([images(4, 0), images(4, 1)], torch.tensor([3, 5, 7, 9]))
+    model.after_step()
+    state = model.state_dict()
+    del state["queue_index"]
+    fresh = moco()
+    fresh.load_state_dict(state)  # strict: every other key still required
+    assert torch.equal(fresh.queue, model.queue) and fresh.queue_index.tolist() == [-1] * 8
+    del state["queue"]
+    with pytest.raises(RuntimeError, match="queue"):
+        moco().load_state_dict(state)
+
+
 # ---------------------------------------------------------------------------------- SimCLR
 def test_simclr_loss_matches_loop_reference() -> None:
     model = SimCLR(tiny_backbone(), feature_dim=8, temperature=0.1)

@@ -52,6 +52,14 @@ class MoCo(Method):
         # The image of each slot's key; -1: a slot still holding its random initial key.
         self.register_buffer("queue_index", torch.full((queue_size,), -1, dtype=torch.long))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint written before the queue recorded images resumes with them unknown (-1):
+        # its keys stay negatives until the queue has turned over once.
+        if prefix + "queue" in state_dict:
+            state_dict.setdefault(prefix + "queue_index", torch.full(
+                state_dict[prefix + "queue"].shape[:1], -1, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of a random permutation of the global batch.
 
