@@ -12,6 +12,8 @@ query's own image's older keys are left out of its negatives. On ImageNet (K = 6
 images) a query meets its own older key about never, so this is the paper's loss; on a small
 dataset, where the queue holds a key of most images (4,096 slots for the 1,257 digits: every
 image three times), the stale copy of the positive would be a negative in nearly every step.
+Measured, the exclusion is worth little; keeping the queue a fraction of N is what makes MoCo
+learn on small data (README, "MoCo's queue on small datasets").
 """
 
 from __future__ import annotations
