@@ -1,4 +1,5 @@
-"""The README's references stay true: every test, path and config option it names exists.
+"""The README's references stay true: every test, path, config option and make target it
+names exists.
 
 A README that cites ``test_x.py::test_y`` as the proof of a behaviour is only honest while that
 test exists; a rename or a deleted test would leave the claim standing with nothing behind it.
@@ -66,3 +67,11 @@ def test_every_config_option_the_readme_names_exists() -> None:
     missing = sorted(f"{group}={option}" for group, option in named
                      if not (ROOT / "conf" / group / f"{option}.yaml").is_file())
     assert not missing, f"the README names config options that do not exist: {missing}"
+
+
+def test_every_make_target_the_readme_names_exists() -> None:
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE))
+    # `make x` in text, or a code block's line that starts with it (not the word in prose).
+    named = set(re.findall(r"(?:^|`)make ([a-z][\w-]*)", README, re.MULTILINE))
+    assert {"train", "test"} <= named  # the two commands
+    assert named <= targets, f"the README names make targets that do not exist: {named - targets}"
