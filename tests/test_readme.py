@@ -42,12 +42,10 @@ def cited_tests() -> list[tuple[str, str]]:
     return cited
 
 
-def test_the_readme_cites_tests() -> None:
-    assert len(cited_tests()) >= 20  # the parser still reads the README's form of citation
-
-
 def test_every_test_the_readme_cites_exists() -> None:
-    missing = [f"{file}::{name}" for file, name in cited_tests()
+    cited = cited_tests()
+    assert len(cited) >= 20  # the pattern still reads the README's form of citation
+    missing = [f"{file}::{name}" for file, name in cited
                if not (ROOT / "tests" / file).is_file()
                or name not in defined_functions(ROOT / "tests" / file)]
     assert not missing, f"the README cites tests that do not exist: {missing}"
